@@ -1,0 +1,1 @@
+"""spark_jax: SPARK reference-free PRMs and RL in JAX."""

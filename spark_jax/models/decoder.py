@@ -1,0 +1,347 @@
+"""The decoder family (Qwen2/2.5, Qwen3 dense, Llama-3/SmolLM2) as Flax NNX modules, used functionally.
+
+Modules define the parameters and the math; callers never hold a live module. Every public function takes
+`(cfg, params)` where `params` is a plain nested dict of arrays (`nnx.split` + `to_pure_dict` at the
+boundary), so policy, reference and reward-model parameters can sit side by side in one jitted graph.
+
+Layers are stored stacked (leading `layers` axis) and run under `lax.scan`, so compile time does not grow
+with depth. Norms, softmax and logits are computed in fp32 whatever the parameter dtype.
+
+Naming: B batch, T query length, S key/cache length, D hidden, H query heads, K kv heads, G = H/K,
+E head dim, F mlp width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from spark_jax.models.config import ModelConfig
+from spark_jax.sharding import constrain
+
+Params = dict[str, Any]
+F32 = jnp.float32
+
+
+def _param(shape, dtype, axes, stack: int | None):
+  if stack is not None:
+    shape, axes = (stack, *shape), ("layers", *axes)
+  return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, dtype, stack: int | None = None):
+    self.scale = _param((dim,), dtype, ("norm",), stack)
+    self.eps = eps
+
+  def __call__(self, x):
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+def rms_norm(x, scale, eps: float):
+  """RMSNorm in fp32, cast back before the scale (the HF order of operations)."""
+  x32 = x.astype(F32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return (y.astype(x.dtype) * scale).astype(x.dtype)
+
+
+class Proj(nnx.Module):
+  """A linear map written as an einsum over a multi-dimensional kernel (e.g. D×H×E), fp32 accumulation."""
+
+  def __init__(self, equation: str, kernel_shape, kernel_axes, bias_shape, bias_axes, dtype,
+               stack: int | None = None):
+    self.equation = equation
+    self.kernel = _param(kernel_shape, dtype, kernel_axes, stack)
+    self.bias = _param(bias_shape, dtype, bias_axes, stack) if bias_shape is not None else None
+
+  def __call__(self, x):
+    y = jnp.einsum(self.equation, x, self.kernel[...], preferred_element_type=F32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(F32)
+    return y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  e = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, e, 2, dtype=F32) / e))
+  if cfg.rope_scaling is not None and dict(cfg.rope_scaling).get("rope_type") == "llama3":
+    s = dict(cfg.rope_scaling)
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * jnp.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    inv = jnp.where((wavelen <= old / lo) & (wavelen >= old / hi), mid, scaled)
+  return inv
+
+
+def apply_rope(x_BxTxNxE, positions_BxT, inv_freq_E2):
+  """Rotary embedding in the HF (rotate-half) layout, computed in fp32."""
+  angles = positions_BxT.astype(F32)[..., None] * inv_freq_E2  # B×T×E/2
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_BxTxNxE.astype(F32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxE.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Per-layer keys (stored transposed: faster decode dot products) and values, plus valid-slot flags.
+
+  All rows write at the same slot index (prompts are left-padded to one length), so a decode step is one
+  dynamic_update_slice per layer; `valid_BxS` marks padding slots that attention must ignore.
+  """
+
+  k_LxBxKxExS: jax.Array
+  v_LxBxKxSxE: jax.Array
+  valid_BxS: jax.Array
+
+  @property
+  def max_length(self) -> int:
+    return self.valid_BxS.shape[1]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+  return KVCache(
+      k_LxBxKxExS=jnp.zeros((L, batch, K, E, max_length), dtype),
+      v_LxBxKxSxE=jnp.zeros((L, batch, K, max_length, E), dtype),
+      valid_BxS=jnp.zeros((batch, max_length), jnp.bool_),
+  )
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, stack: int | None = None):
+    d, h, k, e, dt = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, jnp.dtype(cfg.dtype)
+    bias = cfg.qkv_bias
+    self.q_proj = Proj("btd,dhe->bthe", (d, h, e), ("embed", "heads", "head_dim"),
+                       (h, e) if bias else None, ("heads", "head_dim"), dt, stack)
+    self.k_proj = Proj("btd,dke->btke", (d, k, e), ("embed", "kv_heads", "head_dim"),
+                       (k, e) if bias else None, ("kv_heads", "head_dim"), dt, stack)
+    self.v_proj = Proj("btd,dke->btke", (d, k, e), ("embed", "kv_heads", "head_dim"),
+                       (k, e) if bias else None, ("kv_heads", "head_dim"), dt, stack)
+    self.o_proj = Proj("bthe,hed->btd", (h, e, d), ("heads", "head_dim", "embed"), None, None, dt, stack)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(e, cfg.rms_norm_eps, dt, stack)
+      self.k_norm = RMSNorm(e, cfg.rms_norm_eps, dt, stack)
+    self.cfg = cfg
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None):
+    cfg = self.cfg
+    q = self.q_proj(x_BxTxD)
+    k = self.k_proj(x_BxTxD)
+    v = self.v_proj(x_BxTxD)
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    k = apply_rope(k, positions_BxT, inv_freq)
+    q = constrain(q, ("batch", "length", "act_heads", None))
+    B, T, H, E = q.shape
+    K = cfg.num_kv_heads
+    q_BxKxGxTxE = q.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)
+    if cache_kv is None:
+      k_BxKxExS = k.transpose(0, 2, 3, 1)
+      v_BxKxSxE = v.transpose(0, 2, 1, 3)
+      new_cache = None
+    else:
+      k_cache, v_cache = cache_kv
+      k_BxKxExS = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
+                                               (0, 0, 0, write_index))
+      v_BxKxSxE = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                               (0, 0, write_index, 0))
+      new_cache = (k_BxKxExS, v_BxKxSxE)
+    scores = jnp.einsum("bkgte,bkes->bkgts", q_BxKxGxTxE, k_BxKxExS.astype(q.dtype),
+                        preferred_element_type=F32) * (E ** -0.5)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype)
+    out = jnp.einsum("bkgts,bkse->bkgte", probs, v_BxKxSxE, preferred_element_type=F32).astype(x_BxTxD.dtype)
+    out_BxTxHxE = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
+    return self.o_proj(out_BxTxHxE), new_cache
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, stack: int | None = None):
+    d, f, dt = cfg.hidden_size, cfg.intermediate_size, jnp.dtype(cfg.dtype)
+    self.gate_proj = Proj("btd,df->btf", (d, f), ("embed", "mlp"), None, None, dt, stack)
+    self.up_proj = Proj("btd,df->btf", (d, f), ("embed", "mlp"), None, None, dt, stack)
+    self.down_proj = Proj("btf,fd->btd", (f, d), ("mlp", "embed"), None, None, dt, stack)
+
+  def __call__(self, x_BxTxD):
+    h = jax.nn.silu(self.gate_proj(x_BxTxD).astype(F32)).astype(x_BxTxD.dtype) * self.up_proj(x_BxTxD)
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return self.down_proj(h)
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, stack: int | None = None):
+    dt = jnp.dtype(cfg.dtype)
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, stack)
+    self.attn = Attention(cfg, stack)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, stack)
+    self.mlp = MLP(cfg, stack)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None):
+    attn_out, new_cache = self.attn(self.input_norm(x_BxTxD), positions_BxT, mask_BxTxS, cache_kv, write_index)
+    x = x_BxTxD + attn_out
+    x = x + self.mlp(self.post_attn_norm(x))
+    return constrain(x, ("batch", "length", "act_embed")), new_cache
+
+
+class Decoder(nnx.Module):
+  def __init__(self, cfg: ModelConfig):
+    dt = jnp.dtype(cfg.dtype)
+    self.embed = nnx.Param(jnp.zeros((cfg.vocab_size, cfg.hidden_size), dt), logical_axes=("vocab", "embed"))
+    self.layers = Block(cfg, stack=cfg.num_layers)
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(jnp.zeros((cfg.hidden_size, cfg.vocab_size), dt), logical_axes=("embed", "vocab"))
+    self.cfg = cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(cfg: ModelConfig):
+  model = nnx.eval_shape(lambda: Decoder(cfg))
+  graphdef, state = nnx.split(model)
+  block_graphdef, _ = nnx.split(nnx.eval_shape(lambda: Block(cfg)))
+  return graphdef, state, block_graphdef
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+  """Params pytree of ShapeDtypeStructs (no memory)."""
+  return nnx.to_pure_dict(_abstract(cfg)[1])
+
+
+def param_logical_axes(cfg: ModelConfig) -> Params:
+  """Same tree as the params, with a tuple of logical axis names per leaf."""
+  state = _abstract(cfg)[1]
+  return jax.tree.map(lambda v: tuple(v.logical_axes), nnx.to_pure_dict(
+      jax.tree.map(lambda v: v, state, is_leaf=lambda x: isinstance(x, nnx.Variable))),
+      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _merge(cfg: ModelConfig, params: Params) -> Decoder:
+  graphdef, abstract_state, _ = _abstract(cfg)
+  state = jax.tree.map(lambda x: x, abstract_state)  # a fresh copy: replace_by_pure_dict mutates
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _run_layers(cfg, params, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache | None, write_index):
+  block_graphdef = _abstract(cfg)[2]
+  block_state = params["layers"]
+
+  def body(carry, layer_params_and_index):
+    x, k_all, v_all = carry
+    layer_params, i = layer_params_and_index
+    state = jax.tree.map(lambda x: x, _abstract_block_state(cfg))
+    nnx.replace_by_pure_dict(state, layer_params)
+    block = nnx.merge(block_graphdef, state)
+    if k_all is None:
+      x, _ = block(x, positions_BxT, mask_BxTxS)
+    else:
+      kv = (jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False),
+            jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False))
+      x, (k_new, v_new) = block(x, positions_BxT, mask_BxTxS, kv, write_index)
+      k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_new, i, 0)
+      v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_new, i, 0)
+    return (x, k_all, v_all), None
+
+  if cfg.remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+  k_all = None if cache is None else cache.k_LxBxKxExS
+  v_all = None if cache is None else cache.v_LxBxKxSxE
+  (x, k_all, v_all), _ = jax.lax.scan(body, (x_BxTxD, k_all, v_all),
+                                      (block_state, jnp.arange(cfg.num_layers)))
+  return x, k_all, v_all
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_block_state(cfg: ModelConfig):
+  return nnx.split(nnx.eval_shape(lambda: Block(cfg)))[1]
+
+
+def _embed(cfg, params, tokens_BxT):
+  x = jnp.take(params["embed"], tokens_BxT, axis=0)
+  return constrain(x, ("batch", "length", "act_embed"))
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array) -> jax.Array:
+  """Output head in fp32 (tied to the embedding or separate)."""
+  if cfg.tie_embeddings:
+    logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, params["embed"], preferred_element_type=F32)
+  else:
+    logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, params["lm_head"], preferred_element_type=F32)
+  return constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def default_positions(mask_BxT: jax.Array) -> jax.Array:
+  """Positions that skip padding: left-padded rows get the same positions as unpadded ones."""
+  return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def hidden_states(cfg: ModelConfig, params: Params, tokens_BxT, *, positions=None, mask=None) -> jax.Array:
+  """Final-norm hidden states B×T×D (what the loss and the head read)."""
+  tokens_BxT = jnp.asarray(tokens_BxT)
+  B, T = tokens_BxT.shape
+  mask_BxT = jnp.ones((B, T), jnp.bool_) if mask is None else jnp.asarray(mask).astype(jnp.bool_)
+  positions_BxT = default_positions(mask_BxT) if positions is None else jnp.asarray(positions)
+  causal_TxT = jnp.tril(jnp.ones((T, T), jnp.bool_))
+  mask_BxTxS = causal_TxT[None] & mask_BxT[:, None, :]
+  x = _embed(cfg, params, tokens_BxT)
+  x, _, _ = _run_layers(cfg, params, x, positions_BxT, mask_BxTxS, None, None)
+  return rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BxT, *, positions=None, mask=None) -> jax.Array:
+  """Logits B×T×V (fp32). `mask` (B×T, 1 = real token) handles padding; positions default to skip pads."""
+  return logits_from_hidden(cfg, params, hidden_states(cfg, params, tokens_BxT, positions=positions, mask=mask))
+
+
+def forward_cached(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, token_mask_BxT,
+                   cache: KVCache, write_index) -> tuple[jax.Array, KVCache]:
+  """Runs T new tokens per row against the cache, writing them at slots [write_index, write_index+T).
+
+  Used for prefill (T = prompt length, write_index = 0) and decode (T = 1). Returns fp32 logits of the
+  new tokens and the updated cache; donate the cache for in-place updates.
+  """
+  B, T = tokens_BxT.shape
+  S = cache.max_length
+  valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, token_mask_BxT.astype(jnp.bool_), (0, write_index))
+  slots_S = jnp.arange(S)
+  query_slots_T = write_index + jnp.arange(T)
+  mask_BxTxS = valid_BxS[:, None, :] & (slots_S[None, None, :] <= query_slots_T[None, :, None])
+  x = _embed(cfg, params, tokens_BxT)
+  x, k_all, v_all = _run_layers(cfg, params, x, positions_BxT, mask_BxTxS, cache, write_index)
+  logits = logits_from_hidden(cfg, params, rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps))
+  return logits, KVCache(k_all, v_all, valid_BxS)
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> Params:
+  """Random parameters (normal(0, std) weights and biases, unit norms); for tests and benchmarks."""
+  abstract = abstract_params(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  out = []
+  for (path, leaf), key in zip(leaves, keys):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:
+      out.append(jnp.ones(leaf.shape, leaf.dtype))
+    else:
+      out.append((jax.random.normal(key, leaf.shape, F32) * std).astype(leaf.dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
