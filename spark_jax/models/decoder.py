@@ -224,9 +224,15 @@ def abstract_params(cfg: ModelConfig) -> Params:
 def param_logical_axes(cfg: ModelConfig) -> Params:
   """Same tree as the params, with a tuple of logical axis names per leaf."""
   state = _abstract(cfg)[1]
-  return jax.tree.map(lambda v: tuple(v.logical_axes), nnx.to_pure_dict(
-      jax.tree.map(lambda v: v, state, is_leaf=lambda x: isinstance(x, nnx.Variable))),
-      is_leaf=lambda x: isinstance(x, nnx.Variable))
+  leaves, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  out: Params = {}
+  for path, variable in leaves:
+    keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+    node = out
+    for k in keys[:-1]:
+      node = node.setdefault(k, {})
+    node[keys[-1]] = tuple(variable.logical_axes)
+  return out
 
 
 def _merge(cfg: ModelConfig, params: Params) -> Decoder:
