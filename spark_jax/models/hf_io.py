@@ -281,7 +281,8 @@ class _CheckpointReader:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _resolve(path_or_repo_id: str) -> str:
+def resolve_dir(path_or_repo_id: str) -> str:
+  """A local checkpoint directory for a path or a hub repo id (downloaded when online)."""
   if os.path.isdir(path_or_repo_id):
     return path_or_repo_id
   if os.path.exists(path_or_repo_id):
@@ -303,7 +304,7 @@ def from_pretrained(path_or_repo_id: str, *, dtype: str = "float32", mesh=None,
 
   Each tensor is placed straight into its target sharding on `mesh` (or on the default device).
   """
-  directory = _resolve(path_or_repo_id)
+  directory = resolve_dir(path_or_repo_id)
   config_path = os.path.join(directory, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{directory}: config.json is missing.")
