@@ -320,11 +320,13 @@ def forward(cfg: ModelConfig, params: Params, tokens_BxT, *, positions=None, mas
 
 
 def forward_cached(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, token_mask_BxT,
-                   cache: KVCache, write_index) -> tuple[jax.Array, KVCache]:
+                   cache: KVCache, write_index, *, last_only: bool = False) -> tuple[jax.Array, KVCache]:
   """Runs T new tokens per row against the cache, writing them at slots [write_index, write_index+T).
 
   Used for prefill (T = prompt length, write_index = 0) and decode (T = 1). Returns fp32 logits of the
-  new tokens and the updated cache; donate the cache for in-place updates.
+  new tokens and the updated cache; donate the cache for in-place updates. `last_only=True` returns only
+  the last position's logits (B×1×V): a sampler's prefill needs nothing else, and the full B×T×V head
+  would cost about a quarter of a small model's prefill.
   """
   B, T = tokens_BxT.shape
   S = cache.max_length
@@ -334,6 +336,8 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, 
   mask_BxTxS = valid_BxS[:, None, :] & (slots_S[None, None, :] <= query_slots_T[None, :, None])
   x = _embed(cfg, params, tokens_BxT)
   x, k_all, v_all = _run_layers(cfg, params, x, positions_BxT, mask_BxTxS, cache, write_index)
+  if last_only:
+    x = x[:, -1:]
   logits = logits_from_hidden(cfg, params, rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps))
   return logits, KVCache(k_all, v_all, valid_BxS)
 
