@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
-import os
 import time
+
+from spark_jax.io import write_summary
 
 JOBS = {
     "inspect_model": "spark_jax.jobs:inspect_model",
@@ -22,15 +22,6 @@ def run(config) -> dict:
   summary = getattr(importlib.import_module(module), fn)(config)
   logging.info("job %s finished in %.1f s", config.job, time.time() - start)
   return summary
-
-
-def write_summary(workdir: str, summary: dict) -> str:
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "summary.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=2, default=str)
-  os.replace(path + ".tmp", path)
-  return path
 
 
 def inspect_model(config) -> dict:
