@@ -340,7 +340,9 @@ def build_variant_records(verifications: Sequence[str], *, problem_id: str | Non
     is_correct: ground-truth correctness of the solution, for diagnostics only (never used for labels).
     merged: merger output for verification 0 (meta_critique); None = variant not computed, omitted.
     merged_outcome: merger output for the outcome_consistency selection (meta_critique_outcome); None =
-      omitted. An empty string is a failed merge and gives a "parse_failure" drop.
+      variant omitted. An empty string is a failed merge ("parse_failure" drop). When
+      `select_for_meta_critique` gave None (nothing to critique), pass "" so that the solution is still
+      counted: the record is then dropped with the outcome_consistency reason.
     reference_verifications: the reference-guided verifier outputs; None = variant omitted.
     config: tie policies and selection knobs.
 
@@ -366,9 +368,10 @@ def build_variant_records(verifications: Sequence[str], *, problem_id: str | Non
   if merged is not None:
     records.append(_single("meta_critique", merged, 0 if verifications else None, n, meta, think_allowed=False))
   if merged_outcome is not None:
-    if outcome_index is None:
-      records.append(_dropped("meta_critique_outcome", DROP_NO_MATCH,
-                              "merged text given but the outcome_consistency selection is empty", n, meta))
+    if outcome_drop is not None:  # nothing was selected to critique: same reason as outcome_consistency.
+      code, detail = outcome_drop
+      records.append(_dropped("meta_critique_outcome", code, f"no outcome_consistency selection: {detail}", n,
+                              meta))
     else:
       records.append(_single("meta_critique_outcome", merged_outcome, outcome_index, n, meta,
                              think_allowed=False))

@@ -186,6 +186,10 @@ def verifier_prompt(problem: str, solution: str, expected_answer: str | None = N
       if with_reference else ""
   )
   expected_line = f"Expected Answer: {expected_answer}\n\n" if with_reference else ""
+  example_1 = _verifier_example(1, _EXAMPLE_1_QUESTION, _EXAMPLE_1_SOLUTION, _EXAMPLE_1_VERIFICATION,
+                                _EXAMPLE_1_ANSWER if with_reference else None)
+  example_2 = _verifier_example(2, _EXAMPLE_2_QUESTION, _EXAMPLE_2_SOLUTION, _EXAMPLE_2_VERIFICATION,
+                                _EXAMPLE_2_ANSWER if with_reference else None)
   return (
       "You are a mathematics teacher checking a student's written solution. Go through the solution step "
       "by step and find any mistakes. For every step, first write your analysis and then give a verdict. "
@@ -204,9 +208,9 @@ def verifier_prompt(problem: str, solution: str, expected_answer: str | None = N
       "\n"
       "Here are two graded examples.\n"
       "\n"
-      f"{_verifier_example(1, _EXAMPLE_1_QUESTION, _EXAMPLE_1_SOLUTION, _EXAMPLE_1_VERIFICATION, _EXAMPLE_1_ANSWER if with_reference else None)}"
+      f"{example_1}"
       "\n"
-      f"{_verifier_example(2, _EXAMPLE_2_QUESTION, _EXAMPLE_2_SOLUTION, _EXAMPLE_2_VERIFICATION, _EXAMPLE_2_ANSWER if with_reference else None)}"
+      f"{example_2}"
       "\n"
       "Now grade the following student solution step by step in the same way.\n"
       "\n"
