@@ -161,7 +161,7 @@ class Tokenizer:
     return self._source
 
   def __repr__(self) -> str:
-    return f"Tokenizer(source={self._source!r}, vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id})"
+    return f"Tokenizer(source={self._source!r}, vocab_size={self.vocab_size}, eos_token_id={self._hf.eos_token_id})"
 
   def __len__(self) -> int:
     return self.vocab_size
@@ -233,6 +233,12 @@ class Tokenizer:
       raise TypeError("Tokenizer.encode_batch takes a list of str, got a single str; use encode for one text.")
     if not texts:
       return []
+    backend = getattr(self._hf, "backend_tokenizer", None)
+    if backend is not None:
+      # Straight to the Rust backend (what the HF fast tokenizer calls anyway): building a BatchEncoding of
+      # offsets and masks costs more than the tokenization itself for many short texts.
+      encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+      return [encoding.ids for encoding in encode(list(texts), add_special_tokens=add_special_tokens)]
     return [list(ids) for ids in self._hf(list(texts), add_special_tokens=add_special_tokens)["input_ids"]]
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
@@ -341,6 +347,11 @@ class Tokenizer:
         )
       spans.append((len(before), len(through)))
 
+    if not getattr(self._hf, "is_fast", False):
+      raise NotImplementedError(
+          f"render_chat_with_assistant_mask needs token offsets, which {type(self._hf).__name__} (a slow tokenizer) "
+          f"of {self._source!r} does not give; save the tokenizer with a tokenizer.json (fast tokenizer)."
+      )
     encoding = self._hf(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
     offsets = encoding["offset_mapping"]

@@ -138,7 +138,7 @@ def test_qwen_encodes_random_text_like_tiktoken(qwen, reference):
   assert qwen.encode_batch(texts) == [reference(t) for t in texts]
 
 
-def test_every_qwen_token_alone_encodes_like_tiktoken(qwen, reference, ranks):
+def test_every_qwen_token_alone_encodes_like_tiktoken(qwen, ranks):
   """Each vocabulary entry as the whole text: every merge in the list gets exercised once."""
   texts = []
   for token in ranks:
@@ -149,8 +149,11 @@ def test_every_qwen_token_alone_encodes_like_tiktoken(qwen, reference, ranks):
     if unicodedata.normalize("NFC", text) == text:
       texts.append(text)
   assert len(texts) > 140_000
+  encoding = tiktoken.Encoding(
+      "qwen2-ordinary", pat_str=tokenizer_qwen.QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens={}
+  )
   got = qwen.encode_batch(texts)
-  mismatches = [t for t, ids in zip(texts, got) if ids != reference(t)]
+  mismatches = [t for t, ids in zip(texts, got) if ids != encoding.encode_ordinary(t)]
   assert not mismatches, mismatches[:10]
 
 
@@ -210,12 +213,17 @@ def test_chat_template_renders_chatml(qwen):
   assert qwen.apply_chat_template(messages, tokenize=False, enable_thinking=False) == text
 
 
-def test_chat_template_default_system_message(qwen, tmp_path):
+def test_chat_template_default_system_message(qwen):
   messages = [{"role": "user", "content": "1+1?"}]
   expected_tail = "<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
   assert qwen.apply_chat_template(messages, tokenize=False) == DEFAULT_SYSTEM_TURN + expected_tail
-  bare = Tokenizer.from_pretrained(tokenizer_qwen.build_qwen2_tokenizer(tmp_path, default_system=None))
-  assert bare.apply_chat_template(messages, tokenize=False) == expected_tail
+  # build_qwen2_tokenizer(default_system=None) writes this template.
+  bare = tokenizer_qwen.qwen2_chat_template(None)
+  assert qwen.apply_chat_template(messages, tokenize=False, chat_template=bare) == expected_tail
+  custom = tokenizer_qwen.qwen2_chat_template('Reason step by step; put the answer in \\boxed{}. "Quotes" ok')
+  assert qwen.apply_chat_template(messages, tokenize=False, chat_template=custom) == (
+      '<|im_start|>system\nReason step by step; put the answer in \\boxed{}. "Quotes" ok<|im_end|>\n' + expected_tail
+  )
 
 
 def test_assistant_mask_token_by_token(qwen):
@@ -224,14 +232,14 @@ def test_assistant_mask_token_by_token(qwen):
       {"role": "user", "content": "What is 2+2?"},
       {"role": "assistant", "content": "It is 4."},
       {"role": "user", "content": "你好"},
-      {"role": "assistant", "content": "你好！🙂"},
+      {"role": "assistant", "content": "你好！🧮"},
   ]
   ids, mask = qwen.render_chat_with_assistant_mask(messages)
   assert ids == qwen.apply_chat_template(messages, add_generation_prompt=False)
-  pieces = [(qwen.token_bytes_table()[i], m) for i, m in zip(ids, mask)]
-  prompt = lambda s: [(p, 0) for p in s]  # noqa: E731
-  train = lambda s: [(p, 1) for p in s]  # noqa: E731
-  emoji = "🙂".encode()
+  table = qwen.token_bytes_table()
+  got = [(table[i], m) for i, m in zip(ids, mask)]
+  prompt = lambda pieces: [(p, 0) for p in pieces]  # noqa: E731
+  train = lambda pieces: [(p, 1) for p in pieces]  # noqa: E731
   expected = (
       prompt([b"<|im_start|>", b"system", b"\n", b"Be", b" brief", b".", b"<|im_end|>", b"\n"])
       + prompt([b"<|im_start|>", b"user", b"\n", b"What", b" is", b" ", b"2", b"+", b"2", b"?", b"<|im_end|>", b"\n"])
@@ -239,13 +247,11 @@ def test_assistant_mask_token_by_token(qwen):
       + train([b"It", b" is", b" ", b"4", b".", b"<|im_end|>"])
       + prompt([b"\n", b"<|im_start|>", b"user", b"\n", "你好".encode(), b"<|im_end|>", b"\n"])
       + prompt([b"<|im_start|>", b"assistant", b"\n"])
+      # "🧮" is split across two byte-level tokens; both are trained.
+      + train(["你好".encode(), "！".encode(), b"\xf0\x9f\xa7", b"\xae", b"<|im_end|>"])
+      + prompt([b"\n"])
   )
-  assert pieces[: len(expected)] == expected
-  # The last turn: "你好！🙂" (the emoji spans two byte-level tokens) + <|im_end|> trained, the final "\n" not.
-  tail = pieces[len(expected) :]
-  assert [m for _, m in tail] == [1] * (len(tail) - 1) + [0]
-  assert b"".join(p for p, _ in tail) == "你好！🙂".encode() + b"<|im_end|>\n"
-  assert any(p not in (b"<|im_end|>", b"\n") and emoji.startswith(p) and p != emoji for p, _ in tail)
+  assert got == expected
 
 
 def test_assistant_mask_with_default_system_and_leading_newline(qwen):
