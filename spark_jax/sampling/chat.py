@@ -1,0 +1,66 @@
+"""Chat-level sampling shell shared by every job that asks a model something (generator, verifier,
+critic/merger, reward model on ProcessBench, math evals): user messages in, decoded completions out.
+
+It owns the model, its tokenizer and the mesh; the arrays go through the one sampling engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from spark_jax import sharding
+from spark_jax.models.load import load_model
+from spark_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Completion:
+  text: str
+  num_tokens: int
+  finish_reason: str
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ChatModel:
+  cfg: object
+  params: object
+  tokenizer: Tokenizer
+  mesh: object
+  name: str
+  max_batch_rows: int = 64
+
+  @classmethod
+  def load(cls, model_config, mesh_config, *, seed: int = 0, max_batch_rows: int = 64) -> "ChatModel":
+    """`model_config`: a configs.common.model() ConfigDict. The checkpoint must carry a tokenizer."""
+    mesh = sharding.make_mesh(dict(mesh_config))
+    with sharding.use_mesh(mesh):
+      cfg, params, ckpt_dir = load_model(model_config.name, init=model_config.init, dtype=model_config.dtype,
+                                         mesh=mesh, seed=seed)
+    if ckpt_dir is None:
+      raise ValueError(f"model {model_config.name!r} (init={model_config.init!r}) has no tokenizer: chat jobs need "
+                       "a checkpoint directory with tokenizer files (or the packaged smollm2-135m-instruct).")
+    return cls(cfg, params, Tokenizer.from_pretrained(ckpt_dir), mesh, model_config.name, max_batch_rows)
+
+  def render(self, user_message: str, *, enable_thinking: bool | None = None) -> list[int]:
+    return self.tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                              add_generation_prompt=True, tokenize=True,
+                                              enable_thinking=enable_thinking)
+
+  def sample(self, user_messages: Sequence[str], *, num_samples: int = 1, temperature: float = 0.0,
+             top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0, stop_strings: Sequence[str] = (),
+             enable_thinking: bool | None = None, desc: str | None = None) -> list[list[Completion]]:
+    """One list of `num_samples` completions per message, in order; special tokens are not decoded."""
+    from spark_jax import sampling
+    prompts = [self.render(m, enable_thinking=enable_thinking) for m in user_messages]
+    results = sampling.generate(
+        self.cfg, self.params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        num_samples=num_samples, stop_token_ids=self.tokenizer.end_of_turn_ids,
+        stop_strings=tuple(stop_strings), seed=seed, mesh=self.mesh,
+        token_bytes=self.tokenizer.token_bytes_table(self.cfg.vocab_size) if stop_strings else None,
+        max_batch_rows=self.max_batch_rows, desc=desc)
+    return [[Completion(self.tokenizer.decode(r["tokens"], skip_special_tokens=True), len(r["tokens"]),
+                        r["finish_reason"]) for r in per_prompt] for per_prompt in results]

@@ -1,0 +1,351 @@
+"""Stage I jobs: generate -> verify (+ reference-guided) -> critique -> aggregate, and `stage1` for all.
+
+Each job is a thin shell: it reads the previous job's files under `config.workdir`, asks a model through
+`ChatModel.sample`, and writes resumable shards (`spark_jax.io.ShardedOutput`) plus `summary.json` in its
+own subdirectory:
+
+  workdir/generate/   shards of {problem_id, problem, answer, solutions: [...]}; solutions.jsonl (curated,
+                      one row per solution); summary.json
+  workdir/verify/     shards of {problem_id, solution_id, verifications: [text, ...], ...}
+  workdir/verify_reference/   the same with the expected answer in the prompt (D7)
+  workdir/critique/   shards of {problem_id, solution_id, meta_critique: {...}, meta_critique_outcome: {...}}
+  workdir/aggregate/  records.jsonl, datasets/<variant>/<format>.jsonl + manifest.json, data_quality.{json,md}
+
+Sampling seeds are derived from `config.seed` and the global index of a shard's first item, so a resumed
+job produces exactly the records an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+
+from spark_jax import io
+from spark_jax.evals import grading
+from spark_jax.spark import aggregate, curation, formats, parsing, prompts
+
+_THINKING = {"auto": None, "on": True, "off": False}
+
+
+def _dir(config, job: str) -> str:
+  return os.path.join(config.workdir, job)
+
+
+def _seed(config, first_index: int, salt: int) -> int:
+  return (config.seed * 1_000_003 + salt * 7_919 + first_index) % (2**31 - 1)
+
+
+def _chat_model(config, which: str):
+  from spark_jax.sampling.chat import ChatModel
+  return ChatModel.load(config[which], config.mesh, seed=config.seed, max_batch_rows=config.max_batch_rows)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def load_problems(config) -> tuple[list[dict], io.ReadStats]:
+  stats = io.ReadStats()
+  rows = io.read_records(config.data, required=[config.problem_field], on_error=config.on_error, stats=stats)
+  if config.limit:
+    rows = rows[:config.limit]
+  problems = []
+  for i, row in enumerate(rows):
+    problems.append({
+        "problem_id": str(row.get(config.id_field, i)) if config.id_field else str(i),
+        "problem": row[config.problem_field],
+        "answer": row.get(config.answer_field) if config.answer_field else None,
+        "_index": i,
+    })
+  return problems, stats
+
+
+def run_generate(config) -> dict:
+  """M solutions per problem, answers extracted and graded (when a ground truth exists), then curation."""
+  g = config.generate
+  if g.curation not in curation.CURATIONS:
+    raise ValueError(f"config.generate.curation={g.curation!r}; use one of {curation.CURATIONS}.")
+  out_dir = _dir(config, "generate")
+  problems, read_stats = load_problems(config)
+  if not problems:
+    raise ValueError(f"{config.data}: no usable problems (skipped: {read_stats.skipped}).")
+  shards = io.ShardedOutput(out_dir, "solutions", problems, config.shard_size)
+  model = _chat_model(config, "generator") if shards.pending() else None
+  pool = grading.GradingPool(num_workers=g.grading_workers, timeout_s=g.grading_timeout_s) \
+      if shards.pending() and any(p["answer"] is not None for p in problems) else None
+
+  def work(items):
+    completions = model.sample([prompts.generator_prompt(p["problem"]) for p in items],
+                               num_samples=g.num_solutions, temperature=g.temperature, top_p=g.top_p,
+                               max_new_tokens=g.max_new_tokens, seed=_seed(config, items[0]["_index"], 1),
+                               desc="generate")
+    records = []
+    for p, samples in zip(items, completions):
+      solutions = []
+      for j, c in enumerate(samples):
+        solutions.append({"solution_id": f"{p['problem_id']}-s{j}", "solution": parsing.strip_thinking(c.text),
+                          "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
+                          "extracted_answer": grading.extract_answer(c.text), "is_correct": None})
+      records.append({"problem_id": p["problem_id"], "problem": p["problem"], "answer": p["answer"],
+                      "solutions": solutions})
+    graded = [(s, r["answer"]) for r in records if r["answer"] is not None for s in r["solutions"]]
+    if graded:
+      verdicts = pool.grade([s["extracted_answer"] for s, _ in graded], [a for _, a in graded])
+      for (s, _), ok in zip(graded, verdicts):
+        s["is_correct"] = bool(ok)
+    return records
+
+  try:
+    timing = shards.run(work, desc="generate", unit_counter=lambda rs: sum(
+        s["num_tokens"] for r in rs for s in r["solutions"]))
+  finally:
+    if pool is not None:
+      pool.close()
+  records = shards.read_all()
+  has_truth = all(r["answer"] is not None for r in records)
+  if g.curation == "reference" and not has_truth:
+    raise ValueError(f"config.generate.curation='reference' needs a ground truth for every problem "
+                     f"(field {config.answer_field!r} of {config.data}); use 'verifier_majority' or 'none'.")
+  if g.curation == "reference":
+    kept, curation_counts = curation.balance(records, lambda s: s["is_correct"], cap=g.curation_cap,
+                                             seed=g.curation_seed)
+  else:  # verifier_majority balances in `aggregate`, after verification
+    kept, curation_counts = [s for r in records for s in r["solutions"]], {"solutions_kept": None}
+  by_solution = {s["solution_id"]: r for r in records for s in r["solutions"]}
+  rows = [{"problem_id": by_solution[s["solution_id"]]["problem_id"],
+           "problem": by_solution[s["solution_id"]]["problem"],
+           "answer": by_solution[s["solution_id"]]["answer"], **s} for s in kept]
+  io.write_jsonl_atomic(os.path.join(out_dir, "solutions.jsonl"), rows)
+  all_solutions = [s for r in records for s in r["solutions"]]
+  summary = {
+      "job": "generate", "problems": len(records), "read": {"rows": read_stats.rows, "skipped": read_stats.skipped},
+      "solutions_generated": len(all_solutions), "solutions_kept": len(rows), "curation": g.curation,
+      "curation_counts": curation_counts,
+      "finish_reasons": dict(collections.Counter(s["finish_reason"] for s in all_solutions)),
+      "no_extracted_answer": sum(s["extracted_answer"] is None for s in all_solutions),
+      "correct_fraction": (sum(bool(s["is_correct"]) for s in all_solutions) / len(all_solutions))
+                          if has_truth else None,
+      **timing,
+  }
+  io.write_summary(out_dir, summary)
+  return summary
+
+
+# -------------------------------------------------------------------------------------------------- verify
+
+
+def _solutions(config) -> list[dict]:
+  path = os.path.join(_dir(config, "generate"), "solutions.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: run the generate job first (same workdir).")
+  rows = io.read_records(path, on_error="raise")
+  for i, r in enumerate(rows):
+    r["_index"] = i
+  return rows
+
+
+def run_verify(config, *, reference: bool = False) -> dict:
+  """N verifications per solution without the reference answer (or, `reference=True`, with it: D7)."""
+  v = config.verify
+  name = "verify_reference" if reference else "verify"
+  n = v.reference_num_verifications if reference else v.num_verifications
+  solutions = _solutions(config)
+  if reference and any(s["answer"] is None for s in solutions):
+    raise ValueError("the reference-guided verifier needs every problem's answer; set "
+                     "config.verify.reference=False for data without ground truth.")
+  shards = io.ShardedOutput(_dir(config, name), "verifications", solutions, config.shard_size)
+  model = _chat_model(config, "verifier") if shards.pending() else None
+
+  def work(items):
+    messages = [prompts.verifier_prompt(s["problem"], s["solution"],
+                                        expected_answer=grading.normalize_gold(s["answer"])[0] if reference else None)
+                for s in items]
+    completions = model.sample(messages, num_samples=n, temperature=v.temperature, top_p=v.top_p,
+                               max_new_tokens=v.max_new_tokens, seed=_seed(config, items[0]["_index"], 2 + reference),
+                               enable_thinking=_THINKING[v.thinking], desc=name)
+    return [{"problem_id": s["problem_id"], "solution_id": s["solution_id"],
+             "verifications": [c.text for c in cs], "finish_reasons": [c.finish_reason for c in cs],
+             "num_tokens": [c.num_tokens for c in cs]} for s, cs in zip(items, completions)]
+
+  timing = shards.run(work, desc=name, unit_counter=lambda rs: sum(sum(r["num_tokens"]) for r in rs))
+  records = shards.read_all()
+  parsed = [parsing.parse_verification(t) for r in records for t in r["verifications"]]
+  summary = {"job": name, "solutions": len(records), "verifications": len(parsed),
+             "verifications_per_solution": n,
+             "parse": {"with_final": sum(p["final"] is not None for p in parsed),
+                       "with_steps": sum(bool(p["steps"]) for p in parsed), "total": len(parsed)},
+             "finish_reasons": dict(collections.Counter(f for r in records for f in r["finish_reasons"])),
+             **timing}
+  io.write_summary(_dir(config, name), summary)
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------ critique
+
+
+def _by_solution(path_dir: str, name: str, job: str) -> dict[str, dict]:
+  spec = os.path.join(path_dir, f"{name}.shards.json")
+  if not os.path.exists(spec):
+    raise FileNotFoundError(f"{path_dir} has no finished {name}: run the {job} job first (same workdir).")
+  import glob
+  rows = []
+  for f in sorted(glob.glob(os.path.join(path_dir, f"{name}-*.jsonl"))):
+    rows.extend(io.read_records(f, on_error="raise"))
+  return {r["solution_id"]: r for r in rows}
+
+
+def run_critique(config) -> dict:
+  """Critic then merger (both greedy) on verification 0 and on the outcome-consistency selection (D6)."""
+  c = config.critique
+  solutions = _solutions(config)
+  verifications = _by_solution(_dir(config, "verify"), "verifications", "verify")
+  agg = _aggregation_config(config)
+  shards = io.ShardedOutput(_dir(config, "critique"), "critiques", solutions, config.shard_size)
+  model = _chat_model(config, "verifier") if shards.pending() else None
+
+  def work(items):
+    jobs = []  # (solution index in items, variant, verification index)
+    for i, s in enumerate(items):
+      texts = verifications[s["solution_id"]]["verifications"]
+      for variant, index in aggregate.select_for_meta_critique(texts, agg).items():
+        if index is not None:
+          jobs.append((i, variant, index))
+    settings = dict(num_samples=1, temperature=0.0, max_new_tokens=c.max_new_tokens,
+                    enable_thinking=_THINKING[config.verify.thinking])
+    critic_inputs = [(items[i], verifications[items[i]["solution_id"]]["verifications"][k]) for i, _, k in jobs]
+    critiques = model.sample([prompts.critic_prompt(s["problem"], s["solution"], v) for s, v in critic_inputs],
+                             desc="critic", **settings)
+    merged = model.sample([prompts.merger_prompt(s["problem"], s["solution"], v, cr[0].text)
+                           for (s, v), cr in zip(critic_inputs, critiques)], desc="merger", **settings)
+    records = [{"problem_id": s["problem_id"], "solution_id": s["solution_id"], "num_tokens": 0} for s in items]
+    for (i, variant, k), cr, mg in zip(jobs, critiques, merged):
+      records[i][variant] = {"verification_index": k, "critique": cr[0].text, "merged": mg[0].text,
+                             "finish_reasons": [cr[0].finish_reason, mg[0].finish_reason]}
+      records[i]["num_tokens"] += cr[0].num_tokens + mg[0].num_tokens
+    return records
+
+  timing = shards.run(work, desc="critique", unit_counter=lambda rs: sum(r["num_tokens"] for r in rs))
+  records = shards.read_all()
+  summary = {"job": "critique", "solutions": len(records),
+             "critiqued": {v: sum(v in r for r in records) for v in ("meta_critique", "meta_critique_outcome")},
+             **timing}
+  io.write_summary(_dir(config, "critique"), summary)
+  return summary
+
+
+# ----------------------------------------------------------------------------------------------- aggregate
+
+
+def _aggregation_config(config) -> aggregate.AggregationConfig:
+  a = config.aggregate
+  return aggregate.AggregationConfig(step_tie=a.step_tie, outcome_tie=a.outcome_tie,
+                                     min_step_votes=a.min_step_votes, step_match_final=a.step_match_final)
+
+
+def run_aggregate(config) -> dict:
+  """Parsing, majorities, target selection; the SFT datasets per variant x format; the quality table."""
+  a = config.aggregate
+  out_dir = _dir(config, "aggregate")
+  agg = _aggregation_config(config)
+  solutions = _solutions(config)
+  verifications = _by_solution(_dir(config, "verify"), "verifications", "verify")
+  reference = (_by_solution(_dir(config, "verify_reference"), "verifications", "verify --reference")
+               if config.verify.reference else None)
+  critiques = _by_solution(_dir(config, "critique"), "critiques", "critique") if config.critique.enabled else None
+  missing = [s["solution_id"] for s in solutions if s["solution_id"] not in verifications]
+  if missing:
+    raise KeyError(f"{len(missing)} solution(s) have no verifications (e.g. {missing[0]}); rerun the verify job.")
+
+  if config.generate.curation == "verifier_majority":
+    problems = collections.defaultdict(list)
+    for s in solutions:
+      problems[s["problem_id"]].append(s)
+
+    def majority(s):
+      finals = [parsing.parse_verification(t)["final"] for t in verifications[s["solution_id"]]["verifications"]]
+      return aggregate.outcome_majority(finals, tie=agg.outcome_tie)
+
+    solutions, curation_counts = curation.balance(
+        [{"problem_id": k, "solutions": v} for k, v in problems.items()], majority,
+        cap=config.generate.curation_cap, seed=config.generate.curation_seed)
+  else:
+    curation_counts = None
+
+  records, rows = [], collections.defaultdict(list)
+  for s in solutions:
+    sid = s["solution_id"]
+    crit = critiques.get(sid, {}) if critiques is not None else None
+    merged = None if crit is None else crit.get("meta_critique", {}).get("merged", "")
+    merged_outcome = None if crit is None else crit.get("meta_critique_outcome", {}).get("merged", "")
+    built = aggregate.build_variant_records(
+        verifications[sid]["verifications"], problem_id=s["problem_id"], solution_id=sid,
+        is_correct=s.get("is_correct"), merged=merged, merged_outcome=merged_outcome,
+        reference_verifications=reference[sid]["verifications"] if reference is not None else None, config=agg)
+    for record in built:
+      if record.variant not in a.variants:
+        continue
+      records.append(record)
+      for row in formats.sft_examples_from_record(record, s["problem"], s["solution"], formats=tuple(a.formats)):
+        rows[(record.variant, row["format"])].append(row)
+
+  io.write_jsonl_atomic(os.path.join(out_dir, "records.jsonl"), [r.to_dict() for r in records])
+  manifests = {}
+  for variant in a.variants:
+    vrecords = [r for r in records if r.variant == variant]
+    if not vrecords:
+      continue
+    for fmt in a.formats:
+      io.write_jsonl_atomic(os.path.join(out_dir, "datasets", variant, f"{fmt}.jsonl"), rows[(variant, fmt)])
+    kept = [r for r in vrecords if r.kept]
+    manifests[variant] = {
+        "problems": len({r.problem_id for r in vrecords}),
+        "solutions": len(vrecords),
+        "kept_solutions": len(kept),
+        "dropped": dict(collections.Counter(r.drop_reason for r in vrecords if not r.kept)),
+        "parse_failures": sum(r.drop_reason == aggregate.DROP_PARSE_FAILURE for r in vrecords),
+        "rows": {fmt: len(rows[(variant, fmt)]) for fmt in a.formats},
+        "missing_targets": dict(collections.Counter(reason for r in kept for reason in r.missing_targets.values())),
+        "labels": {"final_yes": sum(bool(r.final) for r in kept), "final_no": sum(r.final is False for r in kept),
+                   "steps_correct": sum(sum(r.steps) for r in kept),
+                   "steps_incorrect": sum(len(r.steps) - sum(r.steps) for r in kept)},
+    }
+    io.write_json_atomic(os.path.join(out_dir, "datasets", variant, "manifest.json"), manifests[variant])
+  summary = {"job": "aggregate", "solutions": len(solutions), "variants": manifests,
+             "curation_counts": curation_counts, "datasets_dir": os.path.join(out_dir, "datasets")}
+  if all(s.get("is_correct") is not None for s in solutions) and solutions:
+    table = aggregate.data_quality_table(records)
+    io.write_json_atomic(os.path.join(out_dir, "data_quality.json"), table)
+    markdown = aggregate.render_quality_markdown(table)
+    with open(os.path.join(out_dir, "data_quality.md"), "w") as f:
+      f.write(markdown + "\n")
+    print(markdown)
+    summary["data_quality"] = table
+  io.write_summary(out_dir, summary)
+  return summary
+
+
+# -------------------------------------------------------------------------------------------------- stage1
+
+
+def run_stage1(config) -> dict:
+  """The whole Stage I in one command; each step resumes where a previous run stopped."""
+  timings, summaries = {}, {}
+  steps = [("generate", run_generate), ("verify", run_verify)]
+  if config.verify.reference:
+    steps.append(("verify_reference", lambda c: run_verify(c, reference=True)))
+  if config.critique.enabled:
+    steps.append(("critique", run_critique))
+  steps.append(("aggregate", run_aggregate))
+  for name, fn in steps:
+    start = time.time()
+    logging.info("stage1: %s", name)
+    summaries[name] = fn(config)
+    timings[name] = round(time.time() - start, 2)
+  summary = {"job": "stage1", "seconds": timings, "datasets_dir": summaries["aggregate"]["datasets_dir"]}
+  io.write_summary(config.workdir, summary)
+  return summary
+
+
+def run_verify_reference(config) -> dict:
+  return run_verify(config, reference=True)
