@@ -17,6 +17,7 @@ JOBS = {
     "aggregate": "spark_jax.spark.jobs:run_aggregate",
     "stage1": "spark_jax.spark.jobs:run_stage1",
     "sft": "spark_jax.train.loop:run_sft",
+    "processbench": "spark_jax.evals.processbench_job:run_processbench",
 }
 
 

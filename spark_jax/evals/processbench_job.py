@@ -1,0 +1,78 @@
+"""The `processbench` job: run a model over ProcessBench and write the F1 table.
+
+Modes:
+  prm     a generative reward model trained by spark_jax (formats prm, prm_cot, think_prm): the PRM prompt
+          over the steps rendered as `Step k: ...` (D8), greedy, parsed with the format's own parser; the
+          prediction is the first step judged incorrect (or -1).
+  critic  any instruct model with ProcessBench's own protocol (indexed paragraphs, the earliest-error index
+          or -1 in the last \\boxed{}), optionally k samples with majority voting.
+
+Predictions are written in resumable shards; the job ends with scores.json, table.md and summary.json.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+from spark_jax import io
+from spark_jax.evals import processbench as pb
+from spark_jax.spark import parsing, prompts
+
+PRM_FORMATS = ("prm", "prm_cot", "think_prm")
+
+
+def _prm_verdicts(fmt: str, text: str) -> list[bool]:
+  parsed = parsing.parse_prm_output(text) if fmt == "prm" else parsing.parse_verification(text)
+  return parsed["steps"]
+
+
+def run_processbench(config) -> dict:
+  from spark_jax.sampling.chat import ChatModel
+
+  if config.mode not in ("prm", "critic"):
+    raise ValueError(f"config.mode={config.mode!r}; use 'prm' (our trained reward models) or 'critic'.")
+  if config.mode == "prm" and config.format not in PRM_FORMATS:
+    raise ValueError(f"config.format={config.format!r}: ProcessBench needs step verdicts, so use one of "
+                     f"{PRM_FORMATS} (an ORM cannot locate the first error).")
+  cases = pb.load_processbench(config.data, splits=tuple(config.splits) or None, limit=config.limit or None)
+  for i, case in enumerate(cases):
+    case["_index"] = i
+  out_dir = config.workdir
+  shards = io.ShardedOutput(out_dir, "predictions", cases, config.shard_size)
+  model = ChatModel.load(config.model, config.mesh, seed=config.seed,
+                         max_batch_rows=config.max_batch_rows) if shards.pending() else None
+
+  def work(items):
+    if config.mode == "prm":
+      messages = [prompts.rm_prompt(config.format, c["problem"], pb.render_steps(c["steps"])) for c in items]
+      outs = model.sample(messages, num_samples=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
+                          enable_thinking=config.format == "think_prm" or None, desc="processbench")
+      preds = [[pb.prediction_from_verdicts(_prm_verdicts(config.format, o[0].text), len(c["steps"]))]
+               for c, o in zip(items, outs)]
+    else:
+      messages = [pb.critic_prompt(c["problem"], c["steps"]) for c in items]
+      outs = model.sample(messages, num_samples=config.num_votes,
+                          temperature=config.temperature if config.num_votes > 1 else 0.0,
+                          top_p=config.top_p, max_new_tokens=config.max_new_tokens,
+                          seed=config.seed + items[0]["_index"], desc="processbench")
+      preds = [[pb.parse_critic_output(s.text, len(c["steps"])) for s in o] for c, o in zip(items, outs)]
+    return [{"id": c["id"], "split": c["split"], "label": c["label"],
+             "prediction": p[0] if len(p) == 1 else pb.vote(p), "samples": p,
+             "outputs": [s.text for s in o], "num_tokens": sum(s.num_tokens for s in o)}
+            for c, p, o in zip(items, preds, outs)]
+
+  timing = shards.run(work, desc="processbench", unit_counter=lambda rs: sum(r["num_tokens"] for r in rs))
+  records = shards.read_all()
+  scores = pb.f1_scores(records, [r["prediction"] for r in records])
+  table = pb.markdown_table(scores)
+  io.write_json_atomic(os.path.join(out_dir, "scores.json"), scores)
+  with open(os.path.join(out_dir, "table.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+  summary = {"job": "processbench", "model": config.model.name, "mode": config.mode,
+             "format": config.format if config.mode == "prm" else None, "cases": len(records),
+             "per_split": dict(collections.Counter(r["split"] for r in records)),
+             "average_f1": scores["average"]["f1"], "scores": scores, **timing}
+  io.write_summary(out_dir, summary)
+  return summary
