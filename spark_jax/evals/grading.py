@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import collections
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -115,12 +116,14 @@ def strip_think(text: str) -> str:
 
 def _clean_answer_line(s: str) -> str:
   """Strips markdown emphasis, math delimiters and a final period from an `Answer:` capture."""
-  s = s.strip().strip("*_ ").strip()
+  s = s.strip().strip("* ").strip()
+  if s.endswith("."):
+    s = s[:-1].rstrip()
   if s.startswith("\\[") and s.endswith("\\]"):
     s = s[2:-2].strip()
   elif s.startswith("\\(") and s.endswith("\\)"):
     s = s[2:-2].strip()
-  if len(s) >= 2 and s.startswith("$") and s.endswith("$"):
+  if s.count("$") == 2 and s.startswith("$") and s.endswith("$"):
     s = s.strip("$").strip()
   if s.endswith("."):
     s = s[:-1].rstrip()
@@ -242,7 +245,7 @@ def normalize_answer(s: str) -> str:
 
   SPEC 2.3 rules: remove newlines, `\\left`, `\\right` and spaces; `\\\\` -> `\\`; `lhs=rhs` with a
   left side of at most 3 characters keeps `rhs` ("x=5" -> "5"); `a/b` of integers -> `\\frac{a}{b}`.
-  Additions (each maps only spellings of the same value onto each other, so equality stays sound):
+  Additions (spellings that graders, math_verify included, treat as the same answer):
   surrounding `$`, `\\dfrac`/`\\tfrac` -> `\\frac`, LaTeX spacing commands, `^\\circ`, `\\%`, a whole-string
   `\\text{...}`, a final period, and thousands separators in plain numbers ("1,000" -> "1000").
   """
@@ -272,10 +275,26 @@ def normalize_answer(s: str) -> str:
   return s
 
 
-def _fast_equal(pred: str, golds: Sequence[str]) -> bool:
-  """Normalized string equality against any gold (SPEC 2.3's first test)."""
+_INT_RE = re.compile(r"^[-+]?\d{1,100}$")  # Bounded: int() refuses strings over 4,300 digits.
+
+
+def _quick_verdict(pred: str, golds: Sequence[str]) -> bool | None:
+  """Settles a pair without math_verify when that is safe; None = ask math_verify.
+
+  True on normalized string equality with any gold (SPEC 2.3's first test). False when the prediction
+  and every gold are plain integers after normalisation and differ in value: math_verify compares
+  integers exactly, so the verdict is the same, and integer answers (AIME, AMC, GSM8K, most of the
+  Skywork pool) are most of what RL grades. ("025" and "25" are equal here, as in math_verify.)
+  """
   p = normalize_answer(pred)
-  return bool(p) and any(p == normalize_answer(g) for g in golds)
+  if not p:
+    return None
+  normalized = [normalize_answer(g) for g in golds]
+  if any(p == n for n in normalized):
+    return True
+  if _INT_RE.match(p) and all(_INT_RE.match(n) for n in normalized):
+    return any(int(p) == int(n) for n in normalized)
+  return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -362,24 +381,36 @@ _FILTER = _DropTimeoutDisabledWarning()
 
 def _math_verify_equal(pred: str, golds: Sequence[str]) -> bool:
   """math_verify equivalence, with math_verify's own signal timeouts off (the caller bounds time)."""
-  from math_verify import parse, verify  # pylint: disable=g-import-not-at-top  (slow import, ~1 s)
+  from math_verify import verify  # pylint: disable=g-import-not-at-top  (slow import, ~1 s)
 
   for name in ("math_verify.grader", "math_verify.parser"):
     logger = logging.getLogger(name)
     if _FILTER not in logger.filters:
       logger.addFilter(_FILTER)
 
-  pred_parsed = parse(_as_math(pred), parsing_timeout=None)
+  pred_parsed = _parse(_as_math(pred))
   if not pred_parsed and _as_math(pred) != pred:
     # "18 dollars" parses as a product inside `$…$` but as 18 in plain text.
-    pred_parsed = parse(pred, parsing_timeout=None)
+    pred_parsed = _parse(pred)
   if not pred_parsed:
     return False
   for g in golds:
-    gold_parsed = parse(_as_math(g), parsing_timeout=None)
+    gold_parsed = _parse(_as_math(g))
     if gold_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
       return True
   return False
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse(text: str) -> list[Any]:
+  """math_verify.parse, memoised: RL grades 16 rollouts against one gold, and rollouts repeat answers.
+
+  Only completed parses are cached (a timeout raises through), and verify does not mutate the parsed
+  sympy objects, so sharing them is safe.
+  """
+  from math_verify import parse  # pylint: disable=g-import-not-at-top
+
+  return parse(text, parsing_timeout=None)
 
 
 def is_equivalent(pred: Any, gold: Any, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> bool:
@@ -404,8 +435,9 @@ def is_equivalent(pred: Any, gold: Any, timeout_s: float | None = DEFAULT_TIMEOU
   pred = str(pred).strip()
   if not pred:
     return False
-  if _fast_equal(pred, golds):
-    return True
+  quick = _quick_verdict(pred, golds)
+  if quick is not None:
+    return quick
   try:
     result = _call_with_time_limit(lambda: _math_verify_equal(pred, golds), timeout_s)
   except Exception:  # pylint: disable=broad-except  (a grader error is a wrong answer, never a crash)
@@ -475,14 +507,19 @@ class _Worker:
 
 
 def _kill_workers(workers: list[_Worker]) -> None:
-  """Stops workers we started: polite sentinel, then SIGKILL for any that linger."""
+  """Stops workers we started: a polite sentinel to idle ones, SIGKILL for the rest and for stragglers.
+
+  Workers hold no state worth saving, so shutdown does not wait for their interpreter teardown.
+  """
   for w in workers:
     try:
       if w.ready and w.task is None:
         w.conn.send(None)
+      else:  # Busy (possibly hung) or still starting: nothing to wait for.
+        w.process.kill()
     except (OSError, ValueError):
       pass
-  deadline = time.monotonic() + 1.0
+  deadline = time.monotonic() + 0.2  # Interpreter teardown with sympy loaded can take ~1 s; don't wait.
   for w in workers:
     w.process.join(timeout=max(0.0, deadline - time.monotonic()))
     if w.process.is_alive():
@@ -513,16 +550,18 @@ class GradingPool:
 
   Guarantees, per `grade` call:
     * Results come back in input order, one bool per pair.
-    * Pairs settled cheaply in the parent (None/empty prediction, normalized string equality) never reach
-      a worker; only the rest is sent, one pair at a time per worker, so one slow pair never holds others.
+    * Pairs settled cheaply in the parent (None/empty prediction, normalized string equality, differing
+      plain integers) never reach a worker; each distinct remaining (pred, golds) pair is sent once, one
+      pair at a time per worker, so one slow pair never holds up the others.
     * Each pair gets `timeout_s` of soft time inside the worker (SIGALRM, checked between Python
       bytecodes); if the worker has not answered `timeout_s + kill_grace_s` after dispatch, it is killed
       (SIGKILL), the pair counts as wrong, and a fresh worker replaces it. A worker that dies (segfault,
       out of memory under `memory_limit_mb`) likewise counts its pair as wrong.
-    * `last_stats` holds counts for the last call (fast-path hits, timeouts, kills, crashes, seconds).
+    * `last_stats` holds counts for the last call: n, quick (settled in the parent), sent_to_workers
+      (distinct pairs), soft_timeouts, killed, crashes, worker_seconds, seconds.
 
   Workers start with the `spawn` method by default (`forkserver` also works): JAX processes must not fork.
-  As with any spawn-based multiprocessing, a script that creates a pool must guard its entry point with
+  A pool is driven by one thread at a time. As with any spawn-based multiprocessing, a script that creates a pool must guard its entry point with
   `if __name__ == "__main__":`, because workers import the main module.
   """
 
@@ -630,30 +669,39 @@ class GradingPool:
     t0 = time.monotonic()
     texts, gold_lists = _prepare(preds, golds, extract)
     results = [False] * len(texts)
-    pending: collections.deque[int] = collections.deque()
-    fast = 0
+    # Settle what we can here; send each distinct remaining (pred, golds) pair to the workers once
+    # (RL rollouts of one prompt often repeat an answer).
+    quick = 0
+    owners: dict[tuple[str, tuple[str, ...]], list[int]] = {}
     for i, (pred, gl) in enumerate(zip(texts, gold_lists)):
       if pred is None:
         continue
-      if _fast_equal(pred, gl):
-        results[i] = True
-        fast += 1
+      verdict = _quick_verdict(pred, gl)
+      if verdict is not None:
+        results[i] = verdict
+        quick += 1
       else:
-        pending.append(i)
-    stats = {"n": len(texts), "fast_path": fast, "sent_to_workers": len(pending), "soft_timeouts": 0,
-             "killed": 0, "crashes": 0}
-    if pending:
+        owners.setdefault((pred, tuple(gl)), []).append(i)
+    keys = list(owners)
+    stats = {"n": len(texts), "quick": quick, "sent_to_workers": len(keys), "soft_timeouts": 0,
+             "killed": 0, "crashes": 0, "worker_seconds": 0.0}
+    if keys:
+      unique_results = [False] * len(keys)
       try:
-        self._run(pending, texts, gold_lists, results, timeout_s, stats)
+        self._run(collections.deque(range(len(keys))), [k[0] for k in keys], [list(k[1]) for k in keys],
+                  unique_results, timeout_s, stats)
       except BaseException:
         # In-flight answers would come back into a later call; start clean instead.
         _kill_workers(self._workers)
         raise
+      for key, ok in zip(keys, unique_results):
+        for i in owners[key]:
+          results[i] = ok
     stats["seconds"] = time.monotonic() - t0
     self.last_stats = stats
     return results
 
-  def _run(self, pending: collections.deque[int], texts: list[str | None], gold_lists: list[list[str]],
+  def _run(self, pending: collections.deque[int], texts: list[str], gold_lists: list[list[str]],
            results: list[bool], timeout_s: float, stats: dict[str, float]) -> None:
     """Dispatch/collect loop; returns when every pending pair has a result."""
     self._call_id += 1
@@ -717,6 +765,7 @@ class GradingPool:
         if w.task is not None and tuple(task_id) == w.task:
           results[w.task[1]] = bool(ok)
           stats["soft_timeouts"] += elapsed >= timeout_s
+          stats["worker_seconds"] += elapsed
           outstanding -= 1
           w.task = None
           w.deadline = math.inf
