@@ -1,6 +1,6 @@
 """The one entry point: `python -m spark_jax.main --config=configs/<job>.py [--config.key=value ...]`."""
 
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from spark_jax import jobs
@@ -17,5 +17,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_flags.mark_flags_as_required(["config"])
+  flags.mark_flags_as_required(["config"])
   app.run(main)
