@@ -8,7 +8,7 @@ Stages (each a plain function, so tests and the RL loop can reuse any of them):
    (`Tokenizer.render_chat_with_assistant_mask`), handle sequences longer than `max_length`. Result: one flat
    token array + offsets (`TokenizedExamples`), cached in the workdir as .npz so a restart does not re-tokenize.
 3. `make_batch_plan`: which examples make up global batch `step`, and its padded length. Length bucketing:
-   the seeded stream of epoch permutations is cut into windows of `window` global batches; inside a window the
+   each epoch's seeded permutation is cut into windows of `window` global batches; inside a window the
    examples are sorted by length and cut into batches, and the batch order is shuffled. Every batch is padded
    to the smallest bucket boundary that holds its longest example.
 4. `SFTBatchSource` + `make_train_loader`: a grain `DataLoader` over the plan (record i = global batch i). Its
@@ -17,7 +17,10 @@ Stages (each a plain function, so tests and the RL loop can reuse any of them):
 Why bucketing and not packing: the decoder's attention mask is causal x (B×T padding mask); packing several
 examples per row needs a segment-aware (block-diagonal) mask, which the decoder does not take. Bucketing keeps
 the decoder untouched and, with length-sorted windows, wastes little compute on padding (the loop logs the
-padding fraction). The minimal decoder change that would allow packing is described in the trainer's notes.
+padding fraction). Packing would need one decoder change: an optional B×T `segment_ids` argument to
+`hidden_states`/`forward`, AND-ed into the attention mask as `segment_ids[:, :, None] == segment_ids[:, None, :]`
+(positions restart per segment through the existing `positions` argument); the loss side already works
+per token.
 
 Why overlong examples are dropped by default: a reward-model target cut at `max_length` loses its final
 verdict line, which is exactly what the reward parser reads; training on it teaches the model to trail off.
@@ -55,13 +58,17 @@ def _is_hub_id(source: str) -> bool:
 
 
 def resolve_files(source: str) -> list[str]:
-  """The data files of `source`: a file, a directory (its *.jsonl / *.json / *.parquet, sorted) or a glob."""
+  """The data files of `source`: a file, a directory or a glob.
+
+  A directory contributes its *.jsonl and *.parquet files (sorted; not *.json, so the manifest.json that Stage I
+  writes beside datasets/<variant>/<format>.jsonl is not read as rows); a file or glob may also name *.json.
+  """
   source = os.path.expanduser(source)
   if os.path.isdir(source):
-    files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith(DATA_EXTENSIONS))
+    files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith((".jsonl", ".parquet")))
     if not files:
-      raise FileNotFoundError(f"data directory {source!r} holds no {'/'.join(DATA_EXTENSIONS)} files; point "
-                              "config.data at the Stage I SFT output directory or at one of its files.")
+      raise FileNotFoundError(f"data directory {source!r} holds no .jsonl/.parquet files; point config.data at "
+                              "a Stage I dataset directory (runs/<stage1>/aggregate/datasets/<variant>) or a file.")
     return files
   if os.path.isfile(source):
     return [source]
@@ -142,6 +149,7 @@ class TokenizedExamples:
   loss_mask: np.ndarray  # uint8, 1 on the tokens the loss is computed on (assistant content + end of turn)
   offsets: np.ndarray  # int64, N + 1
   stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+  origins: np.ndarray | None = None  # str, N: "file:line" of each example, for error messages
 
   def __len__(self) -> int:
     return len(self.offsets) - 1
@@ -154,6 +162,9 @@ class TokenizedExamples:
     s, e = self.offsets[i], self.offsets[i + 1]
     return self.tokens[s:e], self.loss_mask[s:e]
 
+  def origin(self, i: int) -> str:
+    return str(self.origins[i]) if self.origins is not None else f"example {i}"
+
   def subset(self, indices: Sequence[int]) -> "TokenizedExamples":
     toks, masks, offs = [], [], [0]
     for i in indices:
@@ -164,7 +175,8 @@ class TokenizedExamples:
     return TokenizedExamples(
         tokens=np.concatenate(toks) if toks else np.zeros((0,), np.int32),
         loss_mask=np.concatenate(masks) if masks else np.zeros((0,), np.uint8),
-        offsets=np.asarray(offs, np.int64), stats=dict(self.stats, examples=len(indices)))
+        offsets=np.asarray(offs, np.int64), stats=dict(self.stats, examples=len(indices)),
+        origins=None if self.origins is None else self.origins[np.asarray(indices, np.int64)])
 
 
 def _check_messages(where: str, row: Any) -> list[dict]:
@@ -211,7 +223,7 @@ def tokenize_rows(rows: Iterator[tuple[str, Mapping]], tokenizer, *, max_length:
   """
   if overlong not in ("drop", "truncate"):
     raise ValueError(f"overlong={overlong!r}; use 'drop' or 'truncate'.")
-  toks, masks, offs = [], [], [0]
+  toks, masks, offs, origins = [], [], [0], []
   stats = {"rows": 0, "filtered_out": 0, "dropped_overlong": 0, "truncated_overlong": 0,
            "dropped_no_loss_tokens": 0, "longest_seen": 0}
   for where, row in rows:
@@ -235,10 +247,11 @@ def tokenize_rows(rows: Iterator[tuple[str, Mapping]], tokenizer, *, max_length:
     toks.append(np.asarray(ids, np.int32))
     masks.append(np.asarray(mask, np.uint8))
     offs.append(offs[-1] + len(ids))
+    origins.append(where)
   examples = TokenizedExamples(
       tokens=np.concatenate(toks) if toks else np.zeros((0,), np.int32),
       loss_mask=np.concatenate(masks) if masks else np.zeros((0,), np.uint8),
-      offsets=np.asarray(offs, np.int64))
+      offsets=np.asarray(offs, np.int64), origins=np.asarray(origins, dtype=str))
   stats.update(examples=len(examples), tokens=int(examples.tokens.size),
                loss_tokens=int(examples.loss_mask.sum()))
   examples.stats = stats
@@ -264,13 +277,13 @@ def load_examples(source: str, tokenizer, *, max_length: int, overlong: str = "d
   Every process computes the same result; only process 0 writes the cache (atomically).
   """
   key = json.dumps([source_fingerprint(source, split), _tokenizer_fingerprint(tokenizer), max_length, overlong,
-                    sorted(formats), sorted(variants), 1])
+                    sorted(formats), sorted(variants), 2])
   digest = hashlib.sha256(key.encode()).hexdigest()[:20]
   path = os.path.join(cache_dir, f"tokens-{digest}.npz") if cache_dir else None
   if path and os.path.exists(path):
     with np.load(path, allow_pickle=False) as z:
       ex = TokenizedExamples(tokens=z["tokens"], loss_mask=z["loss_mask"], offsets=z["offsets"],
-                             stats=json.loads(str(z["stats"])))
+                             stats=json.loads(str(z["stats"])), origins=z["origins"])
     logging.info("data %s: %d examples from cache %s", source, len(ex), path)
     return ex
   ex = tokenize_rows(read_rows(source, split), tokenizer, max_length=max_length, overlong=overlong,
@@ -282,7 +295,8 @@ def load_examples(source: str, tokenizer, *, max_length: int, overlong: str = "d
   if path and jax.process_index() == 0:
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + ".tmp.npz"
-    np.savez(tmp, tokens=ex.tokens, loss_mask=ex.loss_mask, offsets=ex.offsets, stats=json.dumps(ex.stats))
+    np.savez(tmp, tokens=ex.tokens, loss_mask=ex.loss_mask, offsets=ex.offsets, stats=json.dumps(ex.stats),
+             origins=ex.origins)
     os.replace(tmp, path)
   return ex
 
@@ -341,34 +355,34 @@ def make_batch_plan(lengths: np.ndarray, *, global_batch: int, num_steps: int, s
                     boundaries: Sequence[int], window: int = 32) -> BatchPlan:
   """Deterministic length-bucketed plan of `num_steps` global batches (see the module docstring).
 
-  The example stream is epoch after epoch of seeded permutations, so `num_steps` may span several epochs and
-  a batch may straddle an epoch boundary; no example is dropped except the tail of the last window.
+  Epoch e is a permutation seeded by (seed, e) cut into `examples // global_batch` batches: the fewer than
+  `global_batch` examples left over are skipped for that epoch only (a different few each epoch), so every
+  batch holds distinct examples and each epoch sees every other example once. Inside an epoch, windows of
+  `window` batches are sorted by length before being cut into batches, and the batch order in the window
+  is shuffled, so similar lengths share a batch without ordering the epoch by length.
   """
   n = len(lengths)
-  if n < global_batch:
+  per_epoch = steps_per_epoch(n, global_batch)
+  if per_epoch < 1:
     raise ValueError(f"only {n} training examples for a global batch of {global_batch} sequences; lower "
                      "config.global_batch or add data.")
   boundaries = np.asarray(sorted(boundaries), np.int64)
   if lengths.max() > boundaries[-1]:
     raise ValueError(f"an example of {lengths.max()} tokens exceeds the largest bucket {boundaries[-1]}.")
-  need = num_steps * global_batch
-  epochs = -(-need // n) + 1  # one spare epoch so the last window is full
-  stream = np.concatenate([np.random.default_rng([seed, e]).permutation(n) for e in range(epochs)])
-  chunk = window * global_batch
   rows, lens = [], []
-  for w, start in enumerate(range(0, len(stream), chunk)):
-    part = stream[start:start + chunk]
-    part = part[np.argsort(lengths[part], kind="stable")]
-    nb = len(part) // global_batch
-    batches = part[:nb * global_batch].reshape(nb, global_batch)
-    order = np.random.default_rng([seed, 1_000_003, w]).permutation(nb)
-    for b in batches[order]:
-      rows.append(b)
-      lens.append(boundaries[np.searchsorted(boundaries, lengths[b].max())])
-    if len(rows) >= num_steps:
-      break
-  rows_SxG = np.stack(rows[:num_steps]).astype(np.int64)
-  return BatchPlan(rows_SxG=rows_SxG, lengths_S=np.asarray(lens[:num_steps], np.int64))
+  epoch = 0
+  while len(rows) < num_steps:
+    perm = np.random.default_rng([seed, epoch]).permutation(n)[:per_epoch * global_batch]
+    for w, start in enumerate(range(0, len(perm), window * global_batch)):
+      part = perm[start:start + window * global_batch]
+      part = part[np.argsort(lengths[part], kind="stable")]
+      batches = part.reshape(-1, global_batch)
+      for b in batches[np.random.default_rng([seed, epoch, 1_000_003, w]).permutation(len(batches))]:
+        rows.append(b)
+        lens.append(boundaries[np.searchsorted(boundaries, lengths[b].max())])
+    epoch += 1
+  return BatchPlan(rows_SxG=np.stack(rows[:num_steps]).astype(np.int64),
+                   lengths_S=np.asarray(lens[:num_steps], np.int64))
 
 
 # ----------------------------------------------------------------------------------------------- batching
