@@ -47,7 +47,7 @@ def run_processbench(config) -> dict:
     if config.mode == "prm":
       messages = [prompts.rm_prompt(config.format, c["problem"], pb.render_steps(c["steps"])) for c in items]
       outs = model.sample(messages, num_samples=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
-                          enable_thinking=config.format == "think_prm" or None, desc="processbench")
+                          enable_thinking=config.format == "think_prm" or None)
       preds = [[pb.prediction_from_verdicts(_prm_verdicts(config.format, o[0].text), len(c["steps"]))]
                for c, o in zip(items, outs)]
     else:
@@ -55,14 +55,14 @@ def run_processbench(config) -> dict:
       outs = model.sample(messages, num_samples=config.num_votes,
                           temperature=config.temperature if config.num_votes > 1 else 0.0,
                           top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                          seed=config.seed + items[0]["_index"], desc="processbench")
+                          seed=config.seed + items[0]["_index"])
       preds = [[pb.parse_critic_output(s.text, len(c["steps"])) for s in o] for c, o in zip(items, outs)]
     return [{"id": c["id"], "split": c["split"], "label": c["label"],
              "prediction": p[0] if len(p) == 1 else pb.vote(p), "samples": p,
              "outputs": [s.text for s in o], "num_tokens": sum(s.num_tokens for s in o)}
             for c, p, o in zip(items, preds, outs)]
 
-  timing = shards.run(work, desc="processbench", unit_counter=lambda rs: sum(r["num_tokens"] for r in rs))
+  timing = shards.run(work, unit_counter=lambda rs: sum(r["num_tokens"] for r in rs))
   records = shards.read_all()
   scores = pb.f1_scores(records, [r["prediction"] for r in records])
   table = pb.markdown_table(scores)

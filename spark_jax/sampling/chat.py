@@ -33,6 +33,13 @@ class ChatModel:
   name: str
   max_batch_rows: int = 64
 
+  def __post_init__(self):
+    from spark_jax.sampling.engine import SamplingEngine
+    # One engine per model: weights are placed once and compiled programs are reused across calls.
+    self.engine = SamplingEngine(self.cfg, self.params, mesh=self.mesh, max_batch_rows=self.max_batch_rows,
+                                 progress=False)  # the job's shard bar reports progress
+    self._token_bytes = None
+
   @classmethod
   def load(cls, model_config, mesh_config, *, seed: int = 0, max_batch_rows: int = 64) -> "ChatModel":
     """`model_config`: a configs.common.model() ConfigDict. The checkpoint must carry a tokenizer."""
@@ -52,15 +59,17 @@ class ChatModel:
 
   def sample(self, user_messages: Sequence[str], *, num_samples: int = 1, temperature: float = 0.0,
              top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0, stop_strings: Sequence[str] = (),
-             enable_thinking: bool | None = None, desc: str | None = None) -> list[list[Completion]]:
+             enable_thinking: bool | None = None) -> list[list[Completion]]:
     """One list of `num_samples` completions per message, in order; special tokens are not decoded."""
-    from spark_jax import sampling
+    from spark_jax.sampling.core import SamplingParams
+    if not user_messages:
+      return []
     prompts = [self.render(m, enable_thinking=enable_thinking) for m in user_messages]
-    results = sampling.generate(
-        self.cfg, self.params, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        num_samples=num_samples, stop_token_ids=self.tokenizer.end_of_turn_ids,
-        stop_strings=tuple(stop_strings), seed=seed, mesh=self.mesh,
-        token_bytes=self.tokenizer.token_bytes_table(self.cfg.vocab_size) if stop_strings else None,
-        max_batch_rows=self.max_batch_rows, desc=desc)
-    return [[Completion(self.tokenizer.decode(r["tokens"], skip_special_tokens=True), len(r["tokens"]),
-                        r["finish_reason"]) for r in per_prompt] for per_prompt in results]
+    settings = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              num_samples=num_samples, stop_token_ids=tuple(self.tokenizer.end_of_turn_ids),
+                              stop_strings=tuple(s.encode() for s in stop_strings))
+    if stop_strings and self._token_bytes is None:
+      self._token_bytes = self.tokenizer.token_bytes_table(self.cfg.vocab_size)
+    results = self.engine.generate(prompts, settings, seed=seed, token_bytes=self._token_bytes)
+    return [[Completion(self.tokenizer.decode(r.tokens, skip_special_tokens=True), len(r.tokens), r.finish_reason)
+             for r in per_prompt] for per_prompt in results]

@@ -78,8 +78,7 @@ def run_generate(config) -> dict:
   def work(items):
     completions = model.sample([prompts.generator_prompt(p["problem"]) for p in items],
                                num_samples=g.num_solutions, temperature=g.temperature, top_p=g.top_p,
-                               max_new_tokens=g.max_new_tokens, seed=_seed(config, items[0]["_index"], 1),
-                               desc="generate")
+                               max_new_tokens=g.max_new_tokens, seed=_seed(config, items[0]["_index"], 1))
     records = []
     for p, samples in zip(items, completions):
       solutions = []
@@ -97,7 +96,7 @@ def run_generate(config) -> dict:
     return records
 
   try:
-    timing = shards.run(work, desc="generate", unit_counter=lambda rs: sum(
+    timing = shards.run(work, unit_counter=lambda rs: sum(
         s["num_tokens"] for r in rs for s in r["solutions"]))
   finally:
     if pool is not None:
@@ -163,12 +162,12 @@ def run_verify(config, *, reference: bool = False) -> dict:
                 for s in items]
     completions = model.sample(messages, num_samples=n, temperature=v.temperature, top_p=v.top_p,
                                max_new_tokens=v.max_new_tokens, seed=_seed(config, items[0]["_index"], 2 + reference),
-                               enable_thinking=_THINKING[v.thinking], desc=name)
+                               enable_thinking=_THINKING[v.thinking])
     return [{"problem_id": s["problem_id"], "solution_id": s["solution_id"],
              "verifications": [c.text for c in cs], "finish_reasons": [c.finish_reason for c in cs],
              "num_tokens": [c.num_tokens for c in cs]} for s, cs in zip(items, completions)]
 
-  timing = shards.run(work, desc=name, unit_counter=lambda rs: sum(sum(r["num_tokens"]) for r in rs))
+  timing = shards.run(work, unit_counter=lambda rs: sum(sum(r["num_tokens"]) for r in rs))
   records = shards.read_all()
   parsed = [parsing.parse_verification(t) for r in records for t in r["verifications"]]
   summary = {"job": name, "solutions": len(records), "verifications": len(parsed),
@@ -214,10 +213,9 @@ def run_critique(config) -> dict:
     settings = dict(num_samples=1, temperature=0.0, max_new_tokens=c.max_new_tokens,
                     enable_thinking=_THINKING[config.verify.thinking])
     critic_inputs = [(items[i], verifications[items[i]["solution_id"]]["verifications"][k]) for i, _, k in jobs]
-    critiques = model.sample([prompts.critic_prompt(s["problem"], s["solution"], v) for s, v in critic_inputs],
-                             desc="critic", **settings)
+    critiques = model.sample([prompts.critic_prompt(s["problem"], s["solution"], v) for s, v in critic_inputs], **settings)
     merged = model.sample([prompts.merger_prompt(s["problem"], s["solution"], v, cr[0].text)
-                           for (s, v), cr in zip(critic_inputs, critiques)], desc="merger", **settings)
+                           for (s, v), cr in zip(critic_inputs, critiques)], **settings)
     records = [{"problem_id": s["problem_id"], "solution_id": s["solution_id"], "num_tokens": 0} for s in items]
     for (i, variant, k), cr, mg in zip(jobs, critiques, merged):
       records[i][variant] = {"verification_index": k, "critique": cr[0].text, "merged": mg[0].text,
@@ -225,7 +223,7 @@ def run_critique(config) -> dict:
       records[i]["num_tokens"] += cr[0].num_tokens + mg[0].num_tokens
     return records
 
-  timing = shards.run(work, desc="critique", unit_counter=lambda rs: sum(r["num_tokens"] for r in rs))
+  timing = shards.run(work, unit_counter=lambda rs: sum(r["num_tokens"] for r in rs))
   records = shards.read_all()
   summary = {"job": "critique", "solutions": len(records),
              "critiqued": {v: sum(v in r for r in records) for v in ("meta_critique", "meta_critique_outcome")},
