@@ -19,7 +19,7 @@ def get_config():
   config.format = "prm"  # prm | prm_cot | think_prm (mode=prm)
   config.data = "data/processbench"
   config.splits = ("gsm8k", "math", "olympiadbench", "omnimath")
-  config.limit = 0  # cases per split; 0 = all
+  config.limit = 0  # cases per split (half all-correct, half erroneous); 0 = all
   config.max_new_tokens = 4096
   config.num_votes = 1  # critic mode: samples per case, majority vote
   config.temperature = 0.7  # critic mode with num_votes > 1

@@ -27,6 +27,23 @@ def _prm_verdicts(fmt: str, text: str) -> list[bool]:
   return parsed["steps"]
 
 
+def _limited(cases: list[dict], limit: int) -> list[dict]:
+  """`limit` cases per split, half all-correct (label -1) and half erroneous, each in file order.
+
+  The files are not shuffled (a split's first rows can all be erroneous), and an F1 needs both kinds.
+  """
+  if not limit:
+    return cases
+  out = []
+  for split in dict.fromkeys(c["split"] for c in cases):
+    rows = [c for c in cases if c["split"] == split]
+    correct = [c for c in rows if c["label"] == -1][:(limit + 1) // 2]
+    erroneous = [c for c in rows if c["label"] != -1][:limit - len(correct)]
+    keep = {id(c) for c in correct + erroneous}
+    out.extend(c for c in rows if id(c) in keep)
+  return out
+
+
 def run_processbench(config) -> dict:
   from spark_jax.sampling.chat import ChatModel
 
@@ -35,7 +52,7 @@ def run_processbench(config) -> dict:
   if config.mode == "prm" and config.format not in PRM_FORMATS:
     raise ValueError(f"config.format={config.format!r}: ProcessBench needs step verdicts, so use one of "
                      f"{PRM_FORMATS} (an ORM cannot locate the first error).")
-  cases = pb.load_processbench(config.data, splits=tuple(config.splits) or None, limit=config.limit or None)
+  cases = _limited(pb.load_processbench(config.data, splits=tuple(config.splits) or None), config.limit)
   for i, case in enumerate(cases):
     case["_index"] = i
   out_dir = config.workdir
