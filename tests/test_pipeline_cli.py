@@ -107,7 +107,9 @@ def test_processbench_with_limit_writes_the_table(tiny_chat_model, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   with open(os.path.join(workdir, "scores.json")) as f:
     scores = json.load(f)
-  assert [scores[s]["n"] for s in ("gsm8k", "math", "olympiadbench", "omnimath")] == [20, 20, 20, 20]
+  splits = ("gsm8k", "math", "olympiadbench", "omnimath")
+  assert [scores[s]["n"] for s in splits] == [20, 20, 20, 20]
+  assert [scores[s]["n_correct"] for s in splits] == [10, 10, 10, 10]  # a balanced slice: F1 is defined
   assert "average" in scores
   with open(os.path.join(workdir, "table.md")) as f:
     assert "F1" in f.read()
