@@ -153,20 +153,75 @@ class Attention(nnx.Module):
       k_BxKxExS = k.transpose(0, 2, 3, 1)
       v_BxKxSxE = v.transpose(0, 2, 1, 3)
       new_cache = None
+    elif T == 1:
+      # Decode: attend over this layer's cache as it was (slots before write_index) plus the new token
+      # itself, then write the new key/value in place. Reading the layer after writing it instead lets
+      # XLA fuse the write into the read, which then needs the pre-update buffer: copy insertion answered
+      # with whole-cache copies every layer of every step.
+      k_cache, v_cache, layer = cache_kv
+      k_new_BxKxE, v_new_BxKxE = k[:, 0], v[:, 0]
+      mask_BxS = mask_BxTxS[:, 0]
+      out = _decode_attention(q_BxKxGxTxE[:, :, :, 0], _cache_layer(k_cache, layer), _cache_layer(v_cache, layer),
+                              k_new_BxKxE, v_new_BxKxE, mask_BxS & (jnp.arange(mask_BxS.shape[-1]) < write_index),
+                              jax.lax.dynamic_index_in_dim(mask_BxS, write_index, axis=1, keepdims=False))
+      out = out[:, :, :, None].astype(x_BxTxD.dtype)
+      # A data dependency of the write on the attention output (x 0: free) orders the layer read before
+      # the in-place write; without it copy insertion cannot prove the order and copies the whole cache.
+      after = (out[0, 0, 0, 0, 0] * 0).astype(k_new_BxKxE.dtype)
+      new_cache = (_cache_write(k_cache, (k_new_BxKxE + after)[..., None], layer, (0, 0, 0, write_index)),
+                   _cache_write(v_cache, (v_new_BxKxE + after)[:, :, None], layer, (0, 0, write_index, 0)))
     else:
-      k_cache, v_cache = cache_kv
-      k_BxKxExS = jax.lax.dynamic_update_slice(k_cache, k.transpose(0, 2, 3, 1).astype(k_cache.dtype),
-                                               (0, 0, 0, write_index))
-      v_BxKxSxE = jax.lax.dynamic_update_slice(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
-                                               (0, 0, write_index, 0))
-      new_cache = (k_BxKxExS, v_BxKxSxE)
-    scores = jnp.einsum("bkgte,bkes->bkgts", q_BxKxGxTxE, k_BxKxExS.astype(q.dtype),
-                        preferred_element_type=F32) * (E ** -0.5)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype)
-    out = jnp.einsum("bkgts,bkse->bkgte", probs, v_BxKxSxE, preferred_element_type=F32).astype(x_BxTxD.dtype)
-    out_BxTxHxE = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
-    return self.o_proj(out_BxTxHxE), new_cache
+      k_cache, v_cache, layer = cache_kv
+      new_cache = (_cache_write(k_cache, k.transpose(0, 2, 3, 1), layer, (0, 0, 0, write_index)),
+                   _cache_write(v_cache, v.transpose(0, 2, 1, 3), layer, (0, 0, write_index, 0)))
+      k_BxKxExS, v_BxKxSxE = _cache_layer(new_cache[0], layer), _cache_layer(new_cache[1], layer)
+    if cache_kv is None or T > 1:
+      scores = jnp.einsum("bkgte,bkes->bkgts", q_BxKxGxTxE, k_BxKxExS.astype(q.dtype),
+                          preferred_element_type=F32) * (E ** -0.5)
+      scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype)
+      out = jnp.einsum("bkgts,bkse->bkgte", probs, v_BxKxSxE, preferred_element_type=F32).astype(x_BxTxD.dtype)
+    out_BxTxF = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
+    # One flat contraction over (heads, head_dim): given the two contracting dims separately, XLA's CPU
+    # layout assignment transposed the H×E×D weight (a full copy of it every decode step) to match an
+    # E-major activation.
+    kernel_FxD = self.o_proj.kernel[...].reshape(H * E, -1)
+    return jnp.einsum("btf,fd->btd", out_BxTxF, kernel_FxD, preferred_element_type=F32).astype(x_BxTxD.dtype), \
+        new_cache
+
+
+def _cache_layer(cache, layer):
+  """This layer's B×K×… cache: `cache` is the stacked L×B×K×… array (layer = index) or the layer's own."""
+  return cache if layer is None else jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False)
+
+
+def _cache_write(cache, new, layer, index):
+  """Writes `new` (B×K×… block) at `index` of this layer's cache, in the stacked or per-layer layout."""
+  if layer is None:
+    return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), index)
+  return jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer, *index))
+
+
+def _decode_attention(q_BxKxGxE, k_BxKxExS, v_BxKxSxE, k_new_BxKxE, v_new_BxKxE, mask_BxS, new_valid_B):
+  """One query token against the cache (slots where mask_BxS) and its own new key/value, in fp32.
+
+  Written as multiply-reduce instead of dot products: with T = 1 the "matmuls" are G×E by E×S per (row,
+  kv head), far too small for a GEMM call, and as reductions they fuse with the layer read of the stacked
+  cache and the bf16 -> fp32 casts, so the cache is read once per step.
+  """
+  E = q_BxKxGxE.shape[-1]
+  q = q_BxKxGxE.astype(F32) * (E ** -0.5)
+  scores_BxKxGxS = jnp.sum(q[..., None] * k_BxKxExS[:, :, None].astype(F32), axis=3)
+  scores_BxKxGxS = jnp.where(mask_BxS[:, None, None], scores_BxKxGxS, jnp.finfo(F32).min)
+  score_new_BxKxG = jnp.sum(q * k_new_BxKxE[:, :, None].astype(F32), axis=-1)
+  score_new_BxKxG = jnp.where(new_valid_B[:, None, None], score_new_BxKxG, jnp.finfo(F32).min)
+  top = jnp.maximum(jnp.max(scores_BxKxGxS, axis=-1), score_new_BxKxG)
+  p_BxKxGxS = jnp.exp(scores_BxKxGxS - top[..., None])
+  p_new_BxKxG = jnp.exp(score_new_BxKxG - top)
+  denom = jnp.sum(p_BxKxGxS, axis=-1) + p_new_BxKxG
+  out = jnp.sum(p_BxKxGxS[..., None] * v_BxKxSxE[:, :, None].astype(F32), axis=3)
+  out = out + p_new_BxKxG[..., None] * v_new_BxKxE[:, :, None].astype(F32)
+  return out / denom[..., None]
 
 
 class MLP(nnx.Module):
@@ -248,33 +303,80 @@ _REMAT = {
 }
 
 
+def _apply_block(cfg, layer_params, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None):
+  state = jax.tree.map(lambda x: x, _abstract_block_state(cfg))
+  nnx.replace_by_pure_dict(state, layer_params)
+  block = nnx.merge(_abstract(cfg)[2], state)
+  return block(x_BxTxD, positions_BxT, mask_BxTxS, cache_kv, write_index)
+
+
 def _run_layers(cfg, params, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache | None, write_index):
-  block_graphdef = _abstract(cfg)[2]
   block_state = params["layers"]
 
   def body(carry, layer_params_and_index):
     x, k_all, v_all = carry
     layer_params, i = layer_params_and_index
-    state = jax.tree.map(lambda x: x, _abstract_block_state(cfg))
-    nnx.replace_by_pure_dict(state, layer_params)
-    block = nnx.merge(block_graphdef, state)
     if k_all is None:
-      x, _ = block(x, positions_BxT, mask_BxTxS)
+      x, _ = _apply_block(cfg, layer_params, x, positions_BxT, mask_BxTxS)
     else:
-      kv = (jax.lax.dynamic_index_in_dim(k_all, i, keepdims=False),
-            jax.lax.dynamic_index_in_dim(v_all, i, keepdims=False))
-      x, (k_new, v_new) = block(x, positions_BxT, mask_BxTxS, kv, write_index)
-      k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_new, i, 0)
-      v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_new, i, 0)
+      x, (k_all, v_all) = _apply_block(cfg, layer_params, x, positions_BxT, mask_BxTxS, (k_all, v_all, i),
+                                       write_index)
     return (x, k_all, v_all), None
 
   if cfg.remat != "none":
     body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
   k_all = None if cache is None else cache.k_LxBxKxExS
   v_all = None if cache is None else cache.v_LxBxKxSxE
+  unstacked_cache = isinstance(k_all, (list, tuple))
+  if isinstance(block_state, (list, tuple)) or unstacked_cache:
+    # Per-layer params and/or cache (see `unstack_layers`, `unstack_cache`): an unrolled loop whose dots
+    # read each weight where it lies and whose cache writes hit each layer's own buffer in place. A scan
+    # over stacked weights copies every layer's slice out before its dots (3x the weight traffic).
+    ks, vs = list(k_all or []), list(v_all or [])
+    for i in range(cfg.num_layers):
+      layer_params = (block_state[i] if isinstance(block_state, (list, tuple))
+                      else jax.tree.map(lambda a, i=i: a[i], block_state))
+      if k_all is None:
+        (x_BxTxD, _, _), _ = body((x_BxTxD, None, None), (layer_params, i))
+      elif unstacked_cache:
+        x_BxTxD, (ks[i], vs[i]) = _apply_block(cfg, layer_params, x_BxTxD, positions_BxT, mask_BxTxS,
+                                               (ks[i], vs[i], None), write_index)
+      else:
+        (x_BxTxD, k_all, v_all), _ = body((x_BxTxD, k_all, v_all), (layer_params, i))
+    if unstacked_cache:
+      return x_BxTxD, tuple(ks), tuple(vs)
+    return x_BxTxD, k_all, v_all
   (x, k_all, v_all), _ = jax.lax.scan(body, (x_BxTxD, k_all, v_all),
                                       (block_state, jnp.arange(cfg.num_layers)))
   return x, k_all, v_all
+
+
+def unstack_layers(params: Params) -> Params:
+  """The same params with `layers` as a tuple of per-layer trees, for memory-bound decode loops.
+
+  Every function here accepts either form. Stacked layers run under `lax.scan` (compile time independent
+  of depth); unstacked ones run unrolled, which lets a decode step read each weight where it lies instead
+  of copying its layer slice out first. Splitting costs one copy of the layer weights, made once.
+  """
+  stacked = params["layers"]
+  if isinstance(stacked, (list, tuple)):
+    return params
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  layers = tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers))
+  return {**params, "layers": layers}
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+  """The same cache with per-layer key/value buffers (tuples of L arrays), for unrolled decode loops.
+
+  `forward_cached` accepts either layout and returns the one it was given. Per-layer buffers are updated
+  in place by each layer with no stacked array to slice, which keeps XLA from copying the whole cache.
+  """
+  if isinstance(cache.k_LxBxKxExS, (list, tuple)):
+    return cache
+  L = cache.k_LxBxKxExS.shape[0]
+  return KVCache(tuple(cache.k_LxBxKxExS[i] for i in range(L)), tuple(cache.v_LxBxKxSxE[i] for i in range(L)),
+                 cache.valid_BxS)
 
 
 @functools.lru_cache(maxsize=None)

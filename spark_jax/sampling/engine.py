@@ -1,0 +1,306 @@
+"""Batch sampling job around the pure core: validate, sort, bucket, batch, run, restore order.
+
+Any number of prompts goes in; they are sorted by length and cut into batches of at most `max_batch_rows`
+decode rows, each batch left-padded to a bucketed prompt length and a bucketed prompt count, so a long job
+compiles a handful of programs (`compiled_program_count()` counts them process-wide). Results come back in
+the original prompt order.
+
+Reproducibility: prompt i's sample s draws from fold_in(fold_in(PRNGKey(seed), i), s), i being the prompt's
+index in the caller's list. Batching, sorting and padding therefore never change which random numbers a row
+sees: the same seed gives the same samples whatever `max_batch_rows` is (up to float rounding of the logits
+between batch shapes, which can flip a sampled token only at a near-tie).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from spark_jax import sharding as shd
+from spark_jax.models import decoder
+from spark_jax.models.config import ModelConfig
+from spark_jax.sampling import core
+
+FINISH_REASONS = {core.FINISH_LENGTH: "length", core.FINISH_STOP_TOKEN: "stop_token"}
+DEFAULT_MAX_BATCH_ROWS = 32
+MIN_PROMPT_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  """One generated continuation.
+
+  Attributes:
+    tokens: generated ids; the stop token, or the token that completed a stop string, is included.
+    logprobs: log-probability of each token under the model's full softmax at temperature 1.
+    finish_reason: "stop_token", "stop_string" or "length".
+    stop: the stop token id or stop string (as passed) that ended the row; None for "length".
+  """
+
+  tokens: list[int]
+  logprobs: list[float]
+  finish_reason: str
+  stop: int | str | bytes | None = None
+
+
+# Compiled programs, process-wide: (cfg, settings, batch prompts, prompt bucket, table shape, mesh, unstack).
+_PROGRAMS: dict[tuple, Any] = {}
+_COMPILE_SECONDS: dict[tuple, float] = {}
+
+
+def compiled_program_count() -> int:
+  """How many distinct sampling programs this process has compiled (each key compiles once)."""
+  return len(_PROGRAMS)
+
+
+def compile_seconds() -> float:
+  """Total seconds spent compiling sampling programs in this process."""
+  return float(sum(_COMPILE_SECONDS.values()))
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
+  """The padded prompt length for an n-token prompt: the smallest configured bucket >= n, else a power of two
+  (at least MIN_PROMPT_BUCKET); lengths above the largest configured bucket round up to a multiple of it."""
+  if buckets:
+    for b in sorted(buckets):
+      if b >= n:
+        return int(b)
+    top = max(buckets)
+    return int(math.ceil(n / top) * top)
+  return max(MIN_PROMPT_BUCKET, _next_pow2(n))
+
+
+def _row_keys(seed: int, prompt_indices: np.ndarray, num_samples: int) -> np.ndarray:
+  """Raw uint32 key data, one key per decode row: fold_in(fold_in(PRNGKey(seed), prompt index), sample)."""
+  base = jax.random.PRNGKey(seed)
+  per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(prompt_indices, jnp.uint32))
+  per_row = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, jnp.arange(num_samples)))(per_prompt)
+  return np.asarray(per_row).reshape(len(prompt_indices) * num_samples, -1)
+
+
+class SamplingEngine:
+  """Runs sampling jobs for one model: params placed once (sharded over `mesh` if given), programs cached.
+
+  Args:
+    cfg: the model config.
+    params: the model's params (stacked layers, as `init_params` / `from_pretrained` return them).
+    mesh: optional (data, fsdp, tensor) mesh; decode rows shard over ("data", "fsdp"), weights by
+      `param_logical_axes`.
+    max_batch_rows: decode rows (prompts x num_samples) per batch at most.
+    prompt_buckets: allowed padded prompt lengths; default: powers of two from 16.
+    progress: show a tqdm bar (prompts done, generated tokens/s, ETA).
+  """
+
+  def __init__(self, cfg: ModelConfig, params: decoder.Params, *, mesh: Mesh | None = None,
+               max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, prompt_buckets: Sequence[int] | None = None,
+               progress: bool = True):
+    if max_batch_rows <= 0:
+      raise ValueError(f"max_batch_rows={max_batch_rows}: must be a positive number of decode rows per batch.")
+    if prompt_buckets is not None and (not prompt_buckets or min(prompt_buckets) <= 0):
+      raise ValueError(f"prompt_buckets={prompt_buckets!r}: give positive lengths, or None for powers of two.")
+    self.cfg = cfg
+    self.mesh = mesh
+    self.max_batch_rows = int(max_batch_rows)
+    self.prompt_buckets = tuple(sorted(prompt_buckets)) if prompt_buckets else None
+    self.progress = progress
+    if mesh is not None:
+      axes = decoder.param_logical_axes(cfg)
+      shardings = jax.tree.map(
+          lambda a, x: shd.named_sharding(mesh, a, np.shape(x), name="params"), axes, params,
+          is_leaf=lambda a: isinstance(a, tuple))
+      params = jax.device_put(params, shardings)
+    self.params = params
+    self._row_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+  # ------------------------------------------------------------------------------------------ programs
+
+  def _program(self, settings: core.SamplingParams, batch: int, length: int, table_shape, args):
+    key = (self.cfg, settings, batch, length, table_shape, self.mesh)
+    if key not in _PROGRAMS:
+      cfg = self.cfg
+
+      def run(params, tokens, lengths, keys, table):
+        return core.generate_core(cfg, params, tokens, lengths, keys, settings, table)
+
+      t0 = time.perf_counter()
+      with shd.use_mesh(self.mesh):
+        _PROGRAMS[key] = jax.jit(run).lower(*args).compile()
+      _COMPILE_SECONDS[key] = time.perf_counter() - t0
+    return _PROGRAMS[key]
+
+  def _place_rows(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
+    return jax.device_put(x, NamedSharding(self.mesh, spec))
+
+  def _place_replicated(self, tree):
+    if self.mesh is None or tree is None:
+      return tree
+    return jax.device_put(tree, shd.replicated(self.mesh))
+
+  # ------------------------------------------------------------------------------------------------ run
+
+  def generate(self, prompts: Sequence[Sequence[int]], settings: core.SamplingParams, *, seed: int = 0,
+               token_bytes: Sequence[bytes] | None = None,
+               stop_labels: Sequence[str | bytes] | None = None) -> list[list[Sample]]:
+    """Samples `settings.num_samples` continuations per prompt; returns them in the prompts' order.
+
+    Args:
+      prompts: token-id lists (unpadded, at least one token each).
+      settings: static sampling settings.
+      seed: the job's seed (see the module docstring for how rows derive their keys).
+      token_bytes: bytes of each token id (e.g. `Tokenizer.token_bytes_table()`); needed for stop strings.
+      stop_labels: how to report each of settings.stop_strings in `Sample.stop` (default: the bytes).
+    """
+    cfg = self.cfg
+    prompts = _validate_prompts(prompts, cfg, settings.max_new_tokens)
+    table = None
+    if settings.stop_strings:
+      if token_bytes is None:
+        raise ValueError("stop_strings need token_bytes, the bytes of every token id (e.g. "
+                         "Tokenizer.token_bytes_table()), to match generated text on device.")
+      table = self._place_replicated(core.make_stop_table(token_bytes, cfg.vocab_size))
+    labels = list(stop_labels) if stop_labels is not None else list(settings.stop_strings)
+    ns = settings.num_samples
+    per_batch = max(1, self.max_batch_rows // ns)
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    chunks = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+    results: list[list[Sample] | None] = [None] * len(prompts)
+
+    bar = None
+    if self.progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(prompts), unit="prompt", desc="sampling", dynamic_ncols=True)
+    t_start, generated = time.perf_counter(), 0
+    pending = None  # (chunk, outputs): fetch one batch while the next one runs
+    try:
+      for chunk in chunks + [None]:
+        launched = None
+        if chunk is not None:
+          launched = (chunk, self._launch(chunk, prompts, settings, seed, table, per_batch))
+        if pending is not None:
+          done_chunk, out = pending
+          tokens, logprobs, lengths, finish = jax.device_get(
+              (out.tokens_NxM, out.logprobs_NxM, out.lengths_N, out.finish_N))
+          for j, idx in enumerate(done_chunk):
+            results[idx] = [
+                _to_sample(tokens[r], logprobs[r], int(lengths[r]), int(finish[r]), settings, labels)
+                for r in range(j * ns, (j + 1) * ns)]
+            generated += int(lengths[j * ns:(j + 1) * ns].sum())
+          if bar is not None:
+            bar.update(len(done_chunk))
+            bar.set_postfix_str(f"{generated / max(time.perf_counter() - t_start, 1e-9):.1f} tok/s")
+        pending = launched
+    finally:
+      if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+  def _launch(self, chunk, prompts, settings: core.SamplingParams, seed: int, table, per_batch: int):
+    ns = settings.num_samples
+    length = bucket_length(max(len(prompts[i]) for i in chunk), self.prompt_buckets)
+    batch = min(_next_pow2(len(chunk)), _next_pow2(per_batch))
+    batch = int(math.ceil(batch / self._row_multiple) * self._row_multiple)
+    tokens = np.zeros((batch, length), np.int32)
+    lengths = np.ones((batch,), np.int32)  # padding prompts: one token, results dropped
+    indices = np.zeros((batch,), np.int64)
+    for j, i in enumerate(chunk):
+      p = prompts[i]
+      tokens[j, length - len(p):] = p
+      lengths[j] = len(p)
+      indices[j] = i
+    keys = _row_keys(seed, indices, ns)
+    args = (self.params, self._place_rows(tokens), self._place_rows(lengths), self._place_rows(keys), table)
+    table_shape = None if table is None else tuple(table.bytes_VxW.shape)
+    program = self._program(settings, batch, length, table_shape, args)
+    return program(*args)
+
+
+def _to_sample(tokens, logprobs, n: int, finish: int, settings: core.SamplingParams, labels) -> Sample:
+  stop = None
+  if finish == core.FINISH_STOP_TOKEN:
+    reason, stop = "stop_token", int(tokens[n - 1])
+  elif finish >= core.FINISH_STOP_STRING:
+    reason, stop = "stop_string", labels[finish - core.FINISH_STOP_STRING]
+  else:
+    reason = "length"
+  return Sample(tokens=[int(t) for t in tokens[:n]], logprobs=[float(x) for x in logprobs[:n]],
+                finish_reason=reason, stop=stop)
+
+
+def _validate_prompts(prompts, cfg: ModelConfig, max_new_tokens: int) -> list[np.ndarray]:
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+    raise TypeError(f"prompts must be a list of token-id lists; got {type(prompts).__name__}.")
+  context = cfg.max_position_embeddings
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, (str, bytes)):
+      raise TypeError(f"prompts[{i}] is a {type(p).__name__}; tokenize it first (prompts are token-id lists).")
+    arr = np.asarray(p)
+    if arr.ndim != 1:
+      raise ValueError(f"prompts[{i}] has shape {arr.shape}; each prompt must be a flat list of token ids.")
+    if arr.size == 0:
+      raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. the BOS token).")
+    if not np.issubdtype(arr.dtype, np.integer):
+      raise TypeError(f"prompts[{i}] has dtype {arr.dtype}; token ids must be integers.")
+    if arr.min() < 0 or arr.max() >= cfg.vocab_size:
+      raise ValueError(f"prompts[{i}] has token id {int(arr.min() if arr.min() < 0 else arr.max())} outside "
+                       f"[0, {cfg.vocab_size}) (the model's vocab_size).")
+    if arr.size > context:
+      raise ValueError(f"prompts[{i}] has {arr.size} tokens, longer than the model's context of {context} "
+                       "(max_position_embeddings); truncate it.")
+    if arr.size + max_new_tokens > context:
+      raise ValueError(f"prompts[{i}] has {arr.size} tokens and max_new_tokens={max_new_tokens}: "
+                       f"{arr.size + max_new_tokens} positions exceed the model's context of {context}; "
+                       "shorten the prompt or lower max_new_tokens.")
+    out.append(arr.astype(np.int32))
+  return out
+
+
+def generate(cfg: ModelConfig, params: decoder.Params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+             num_samples: int = 1, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str | bytes] = (),
+             seed: int = 0, mesh: Mesh | None = None, token_bytes: Sequence[bytes] | None = None,
+             max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, prompt_buckets: Sequence[int] | None = None,
+             progress: bool = False) -> list[list[Sample]]:
+  """Samples `num_samples` continuations of each prompt (token-id lists); one list of `Sample`s per prompt.
+
+  Nothing stops a row early unless `stop_token_ids` or `stop_strings` say so (the model's EOS is not
+  implied). Stop strings (str as UTF-8, or bytes) need `token_bytes`, the bytes of each token id
+  (`Tokenizer.token_bytes_table()`). Temperature 0 is greedy. See `SamplingEngine` for batching and
+  `spark_jax.sampling.core` for the exact filter and stop-string rules.
+  """
+  if isinstance(stop_token_ids, (int, np.integer)):
+    stop_token_ids = (stop_token_ids,)
+  if isinstance(stop_strings, (str, bytes)):
+    stop_strings = (stop_strings,)
+  for t in stop_token_ids:
+    if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < cfg.vocab_size:
+      raise ValueError(f"stop_token_ids contains {t!r}: each must be a token id in [0, {cfg.vocab_size}).")
+  encoded = []
+  for s in stop_strings:
+    if not isinstance(s, (str, bytes)) or not s:
+      raise ValueError(f"stop_strings contains {s!r}: each must be a non-empty str or bytes.")
+    encoded.append(s.encode("utf-8") if isinstance(s, str) else bytes(s))
+  if stop_strings and token_bytes is None:
+    raise ValueError("stop_strings were given without token_bytes: pass token_bytes=tokenizer.token_bytes_table() "
+                     "(the bytes of every token id) so stop strings can be matched on device.")
+  settings = core.SamplingParams(
+      max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
+      min_p=float(min_p), num_samples=num_samples, stop_token_ids=tuple(int(t) for t in stop_token_ids),
+      stop_strings=tuple(encoded))
+  engine = SamplingEngine(cfg, params, mesh=mesh, max_batch_rows=max_batch_rows, prompt_buckets=prompt_buckets,
+                          progress=progress)
+  return engine.generate(prompts, settings, seed=seed, token_bytes=token_bytes, stop_labels=list(stop_strings))
