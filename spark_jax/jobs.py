@@ -63,9 +63,9 @@ def inspect_model(config) -> dict:
   stop = tokenizer.end_of_turn_ids if tokenizer else ()
   out = sampling.generate(cfg, params, [ids], max_new_tokens=config.max_new_tokens, stop_token_ids=stop,
                           mesh=mesh)[0][0]
-  text = tokenizer.decode(out["tokens"], skip_special_tokens=True) if tokenizer else str(out["tokens"])
-  print(f"greedy continuation ({len(out['tokens'])} tokens, {out['finish_reason']}):\n{text}")
+  text = tokenizer.decode(out.tokens, skip_special_tokens=True) if tokenizer else str(out.tokens)
+  print(f"greedy continuation ({len(out.tokens)} tokens, {out.finish_reason}):\n{text}")
   summary = {"model": config.model.name, "prompt_tokens": len(ids), "prompt_perplexity": float(np.exp(nll)),
-             "continuation": text, "finish_reason": out["finish_reason"]}
+             "continuation": text, "finish_reason": out.finish_reason}
   write_summary(config.workdir, summary)
   return summary

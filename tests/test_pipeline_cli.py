@@ -119,3 +119,12 @@ def test_unknown_config_key_is_named():
   result = _main(["--config=configs/stage1.py", "--config.generate.num_solution=3"], timeout=120)
   assert result.returncode != 0
   assert "num_solution" in result.stderr
+
+
+def test_inspect_model_prints_summary_and_continuation(tiny_chat_model, tmp_path):
+  result = _main(["--config=configs/inspect_model.py", f"--config.workdir={tmp_path}",
+                  f"--config.model.name={tiny_chat_model}", "--config.max_new_tokens=6"], timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "prompt perplexity" in result.stdout and "greedy continuation (6 tokens, length)" in result.stdout
+  with open(os.path.join(tmp_path, "summary.json")) as f:
+    assert json.load(f)["prompt_tokens"] > 10
