@@ -231,3 +231,14 @@ def test_load_model_random_preset_on_mesh():
   assert ckpt is None and params["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
   with pytest.raises(ValueError, match="is a preset"):
     load_model("tiny-qwen3", init="pretrained")
+
+
+def test_query_chunked_attention_matches_one_block():
+  cfg = models.get_preset("tiny-qwen3")
+  params = models.init_params(cfg, seed=6)
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 50))
+  mask = np.ones((2, 50), bool)
+  mask[0, :7] = False
+  whole = jax.jit(models.forward, static_argnums=0)(cfg.replace(attention_chunk=0), params, tokens, mask=mask)
+  chunked = jax.jit(models.forward, static_argnums=0)(cfg.replace(attention_chunk=16), params, tokens, mask=mask)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), atol=1e-5)

@@ -44,6 +44,8 @@ class ModelConfig:
   rope_scaling: tuple[tuple[str, Any], ...] | None = None
   dtype: str = "float32"  # parameter and activation dtype; norms, softmax and logits are fp32.
   remat: str = "none"  # "none" | "full" | "save_dots"
+  # Queries per block of prefill/training attention (memory B×H×chunk×S instead of B×H×T×S); 0 = one block.
+  attention_chunk: int = 512
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
 

@@ -176,11 +176,8 @@ class Attention(nnx.Module):
                    _cache_write(v_cache, v.transpose(0, 2, 1, 3), layer, (0, 0, write_index, 0)))
       k_BxKxExS, v_BxKxSxE = _cache_layer(new_cache[0], layer), _cache_layer(new_cache[1], layer)
     if cache_kv is None or T > 1:
-      scores = jnp.einsum("bkgte,bkes->bkgts", q_BxKxGxTxE, k_BxKxExS.astype(q.dtype),
-                          preferred_element_type=F32) * (E ** -0.5)
-      scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
-      probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype)
-      out = jnp.einsum("bkgts,bkse->bkgte", probs, v_BxKxSxE, preferred_element_type=F32).astype(x_BxTxD.dtype)
+      out = _chunked_attention(q_BxKxGxTxE, k_BxKxExS.astype(q.dtype), v_BxKxSxE, mask_BxTxS,
+                               cfg.attention_chunk).astype(x_BxTxD.dtype)
     out_BxTxF = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
     # One flat contraction over (heads, head_dim): given the two contracting dims separately, XLA's CPU
     # layout assignment transposed the H×E×D weight (a full copy of it every decode step) to match an
@@ -200,6 +197,31 @@ def _cache_write(cache, new, layer, index):
   if layer is None:
     return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), index)
   return jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer, *index))
+
+
+def _attend(q_BxKxGxTxE, k_BxKxExS, v_BxKxSxE, mask_BxTxS):
+  E = q_BxKxGxTxE.shape[-1]
+  scores = jnp.einsum("bkgte,bkes->bkgts", q_BxKxGxTxE, k_BxKxExS, preferred_element_type=F32) * (E ** -0.5)
+  scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(F32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype)
+  return jnp.einsum("bkgts,bkse->bkgte", probs, v_BxKxSxE, preferred_element_type=F32)
+
+
+def _chunked_attention(q_BxKxGxTxE, k_BxKxExS, v_BxKxSxE, mask_BxTxS, chunk: int):
+  """Attention over blocks of `chunk` queries (a `lax.map`), so the fp32 scores held at once are
+  B×H×chunk×S instead of B×H×T×S: at T = S = 8192 the unchunked scores of one row and layer of a 40-head
+  model are 10 GiB. Queries are padded to a multiple of the chunk (padded rows are dropped)."""
+  B, K, G, T, E = q_BxKxGxTxE.shape
+  if chunk <= 0 or T <= chunk:
+    return _attend(q_BxKxGxTxE, k_BxKxExS, v_BxKxSxE, mask_BxTxS)
+  n = -(-T // chunk)
+  pad = n * chunk - T
+  q = jnp.pad(q_BxKxGxTxE, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+  mask = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
+  q_NxBxKxGxCxE = q.reshape(B, K, G, n, chunk, E).transpose(3, 0, 1, 2, 4, 5)
+  mask_NxBxCxS = mask.reshape(B, n, chunk, -1).transpose(1, 0, 2, 3)
+  out = jax.lax.map(lambda qm: _attend(qm[0], k_BxKxExS, v_BxKxSxE, qm[1]), (q_NxBxKxGxCxE, mask_NxBxCxS))
+  return out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, n * chunk, E)[:, :, :, :T]
 
 
 def _decode_attention(q_BxKxGxE, k_BxKxExS, v_BxKxSxE, k_new_BxKxE, v_new_BxKxE, mask_BxS, new_valid_B):
