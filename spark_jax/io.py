@@ -161,7 +161,7 @@ class ShardedOutput:
       import jax
       process_index, process_count = jax.process_index(), jax.process_count()
     self.out_dir, self.name, self.items, self.shard_size = out_dir, name, list(items), shard_size
-    self.num_shards = max(1, -(-len(self.items) // shard_size))
+    self.num_shards = -(-len(self.items) // shard_size)  # 0 for no items: nothing to run, nothing to read
     self.process_index, self.process_count = process_index, process_count
     os.makedirs(out_dir, exist_ok=True)
     manifest = os.path.join(out_dir, f"{name}.shards.json")

@@ -72,3 +72,9 @@ def test_processes_take_disjoint_shards(tmp_path):
   a = io.ShardedOutput(str(tmp_path), "p", items, 2, process_index=0, process_count=2)
   b = io.ShardedOutput(str(tmp_path), "p", items, 2, process_index=1, process_count=2)
   assert a.pending() == [0, 2] and b.pending() == [1, 3]
+
+
+def test_no_items_means_no_shards(tmp_path):
+  out = io.ShardedOutput(str(tmp_path), "empty", [], 4, process_index=0, process_count=1)
+  assert out.num_shards == 0 and out.pending() == [] and out.done() and out.read_all() == []
+  assert out.run(lambda chunk: 1 / 0)["shards_run"] == 0
