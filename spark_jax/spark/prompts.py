@@ -229,6 +229,12 @@ def verifier_prompt(problem: str, solution: str, expected_answer: str | None = N
 # --------------------------------------------------------------------------------------------------------
 
 
+def _review_inputs(problem: str, solution: str, verification: str) -> str:
+  """The tagged problem / solution / verification block the critic and the merger both read."""
+  return (f"<Problem>\n{problem}\n</Problem>\n\n<Solution Path>\n{solution}\n</Solution Path>\n\n"
+          f"<Original Verification>\n{strip_thinking(verification)}\n</Original Verification>\n")
+
+
 def critic_prompt(problem: str, solution: str, verification: str) -> str:
   """Asks a model to audit one verification; the output is a free-form critique (no fixed labels).
 
@@ -240,17 +246,7 @@ def critic_prompt(problem: str, solution: str, verification: str) -> str:
       "step-by-step solution, judged every step as correct or incorrect, and then gave a final verdict. "
       "Your job is to decide whether that step-by-step verification is itself right.\n"
       "\n"
-      "<Problem>\n"
-      f"{problem}\n"
-      "</Problem>\n"
-      "\n"
-      "<Solution Path>\n"
-      f"{solution}\n"
-      "</Solution Path>\n"
-      "\n"
-      "<Original Verification>\n"
-      f"{strip_thinking(verification)}\n"
-      "</Original Verification>\n"
+      + _review_inputs(problem, solution, verification) +
       "\n"
       "A verification can go wrong in four ways:\n"
       "1. Missing errors: a step that contains a mistake is marked correct.\n"
@@ -286,17 +282,7 @@ def merger_prompt(problem: str, solution: str, verification: str, critique: str)
       "solution, and a critique of the verification. Combine the verification and the critique into a "
       "single, improved verification.\n"
       "\n"
-      "<Problem>\n"
-      f"{problem}\n"
-      "</Problem>\n"
-      "\n"
-      "<Solution Path>\n"
-      f"{solution}\n"
-      "</Solution Path>\n"
-      "\n"
-      "<Original Verification>\n"
-      f"{strip_thinking(verification)}\n"
-      "</Original Verification>\n"
+      + _review_inputs(problem, solution, verification) +
       "\n"
       "<Critique of the Verification>\n"
       f"{strip_thinking(critique)}\n"
