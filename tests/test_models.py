@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from spark_jax import models, sharding
-from spark_jax.models import hf_io
+from spark_jax.models import decoder, hf_io
 from spark_jax.models.load import load_model, shard_params
 
 VOCAB = 300
@@ -136,6 +136,41 @@ def test_kv_cache_prefill_and_decode_match_full_forward():
     logits, cache = models.forward_cached(cfg, params, tokens[:, t:t + 1], positions[:, t:t + 1],
                                           mask[:, t:t + 1], cache, t)
     np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5)
+
+
+@pytest.mark.parametrize("unstacked", [False, True])
+def test_decode_over_a_shared_prefix_matches_a_repeated_cache(unstacked):
+  """Two prompts (one left-padded) x 3 samples: decoding against the prompts' cache as a shared prefix gives
+  the logits of decoding against a full cache per row (prompt repeated), step after step."""
+  cfg = models.get_preset("tiny-qwen2")
+  params = models.init_params(cfg, seed=5)
+  rng = np.random.RandomState(1)
+  P, ns, steps = 8, 3, 4
+  prompts = rng.randint(1, cfg.vocab_size, (2, P))
+  mask = np.ones((2, P), bool)
+  mask[1, :3] = False
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  prefix = models.init_cache(cfg, 2, P)
+  _, prefix = models.forward_cached(cfg, params, prompts, positions, mask, prefix, 0)
+  full = models.init_cache(cfg, 2 * ns, P + steps)
+  rep = lambda a: np.repeat(a, ns, axis=0)
+  _, full = models.forward_cached(cfg, params, rep(prompts), rep(positions), rep(mask), full, 0)
+  own = models.init_cache(cfg, 2 * ns, steps)
+  decode_params = params
+  if unstacked:
+    decode_params = decoder.unstack_layers(params)
+    prefix, own, full = decoder.unstack_cache(prefix), decoder.unstack_cache(own), decoder.unstack_cache(full)
+  next_pos = rep(positions[:, -1:] + 1)
+  tokens = rng.randint(1, cfg.vocab_size, (2 * ns, steps))
+  for t in range(steps):
+    ones = np.ones((2 * ns, 1), bool)
+    want, full = models.forward_cached(cfg, decode_params, tokens[:, t:t + 1], next_pos + t, ones, full, P + t)
+    got, own = models.forward_cached(cfg, decode_params, tokens[:, t:t + 1], next_pos + t, ones, own, t,
+                                     prefix=prefix)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  with pytest.raises(ValueError, match="shared prefix is for decode"):
+    models.forward_cached(cfg, decode_params, tokens[:, :2], next_pos + np.arange(2), np.ones((6, 2), bool),
+                          own, 0, prefix=prefix)
 
 
 def test_bf16_forward_tracks_fp32():

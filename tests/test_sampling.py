@@ -155,10 +155,8 @@ def _reference_filter(logits, temperature, top_k, top_p, min_p):
       p = np.exp(row[order] - row.max())
       p /= p.sum()
       before = np.cumsum(p) - p
-      keep = order[before < top_p]
-      mask = np.full(row.shape, -np.inf, np.float32)
-      mask[keep] = 0
-      row = row + mask
+      threshold = row[order[before < top_p]].min()  # value-based: tokens tied with the last kept one stay
+      row[row < threshold] = -np.inf
     if min_p:
       p = np.exp(row - row.max())
       row[p < min_p] = -np.inf
@@ -175,6 +173,77 @@ def test_filters_match_numpy_reference(temperature, top_k, top_p, min_p):
   ref = _reference_filter(logits, temperature, top_k, top_p, min_p)
   np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
   np.testing.assert_allclose(got[np.isfinite(got)], ref[np.isfinite(ref)], rtol=1e-6)
+
+
+def _top_p_covered(logits, top_p):
+  """Per row: the `core.TOP_P_CANDIDATES` best tokens hold >= top_p of the full softmax (float64)."""
+  x = logits.astype(np.float64)
+  p = np.exp(x - x.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.sort(p, axis=-1)[:, ::-1][:, :core.TOP_P_CANDIDATES].sum(-1) >= top_p
+
+
+_FILTER = jax.jit(core.filter_logits, static_argnums=1)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.8, 0.95])
+def test_top_p_over_a_large_vocab_matches_reference_in_both_branches(top_p):
+  """V > TOP_P_CANDIDATES: the top-k shortcut and the full-sort fallback both give the reference exactly."""
+  V = 5000
+  assert V > core.TOP_P_CANDIDATES
+  rng = np.random.RandomState(3)
+  peaked = (rng.randn(4, V) * 4).astype(np.float32)
+  flat = (rng.randn(2, V) * 0.1).astype(np.float32)  # 1024 of 5000 near-equal tokens hold ~20% of the mass
+  for logits, covered in [(peaked, True), (np.concatenate([peaked, flat]), False)]:
+    assert _top_p_covered(logits, top_p).all() == covered, "the test's rows should pick the intended branch"
+    settings = core.SamplingParams(max_new_tokens=1, temperature=1.0, top_p=top_p)
+    got = np.asarray(_FILTER(jnp.asarray(logits), settings))
+    np.testing.assert_array_equal(got, _reference_filter(logits, 1.0, 0, top_p, 0.0))
+  # A covered row gets the same threshold from the fast branch as from the full sort (the fallback's
+  # answer for it cannot depend on whether another row of its batch forced the fallback).
+  fast = np.asarray(core._top_p_threshold(jnp.asarray(peaked), top_p, core.TOP_P_CANDIDATES))
+  mixed = np.asarray(core._top_p_threshold(jnp.asarray(np.concatenate([peaked, flat])), top_p,
+                                           core.TOP_P_CANDIDATES))
+  np.testing.assert_array_equal(fast, mixed[:len(peaked)])
+
+
+@pytest.mark.parametrize("top_p,covered", [(0.5, True), (0.65, True), (0.9, False)])
+def test_top_p_keeps_every_token_tied_with_the_threshold(top_p, covered):
+  """Ties at the threshold are all kept, also when the tied tokens run past the TOP_P_CANDIDATES best."""
+  V = 5000
+  row = np.full(V, -10.0, np.float32)
+  row[:10] = 6.0  # 10 tokens hold ~57% of the mass
+  row[10:3010] = 0.0  # 3000 tied tokens, most of them outside the candidates
+  logits = np.stack([np.random.RandomState(s).permutation(row) for s in range(3)])
+  assert _top_p_covered(logits, top_p).all() == covered
+  got = np.asarray(_FILTER(jnp.asarray(logits), core.SamplingParams(max_new_tokens=1, temperature=1.0,
+                                                                      top_p=top_p)))
+  np.testing.assert_array_equal(got, _reference_filter(logits, 1.0, 0, top_p, 0.0))
+  kept = 10 if top_p == 0.5 else 3010
+  np.testing.assert_array_equal(np.isfinite(got).sum(-1), [kept] * 3)
+
+
+def test_top_p_shortcut_traces_inside_a_while_loop():
+  """The covered/fallback `lax.cond` traces inside a jitted `lax.while_loop`, as in the decode loop."""
+  rng = np.random.RandomState(5)
+  logits_TxNxV = np.stack([rng.randn(3, 5000) * 4, rng.randn(3, 5000) * 0.1]).astype(np.float32)
+  settings = core.SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.9)
+  assert _top_p_covered(logits_TxNxV[0], 0.9).all() and not _top_p_covered(logits_TxNxV[1], 0.9).any()
+
+  @jax.jit
+  def draw(logits_TxNxV, key):
+    def body(carry):
+      t, tokens_TxN = carry
+      keys = jax.random.split(jax.random.fold_in(key, t), logits_TxNxV.shape[1])
+      tokens_N, _ = core.sample_tokens(logits_TxNxV[t], keys, settings)
+      return t + 1, tokens_TxN.at[t].set(tokens_N)
+    init = (jnp.int32(0), jnp.zeros(logits_TxNxV.shape[:2], jnp.int32))
+    return jax.lax.while_loop(lambda c: c[0] < logits_TxNxV.shape[0], body, init)[1]
+
+  tokens_TxN = np.asarray(draw(jnp.asarray(logits_TxNxV), jax.random.PRNGKey(0)))
+  for logits, tokens in zip(logits_TxNxV, tokens_TxN):
+    ref = _reference_filter(logits, 1.0, 0, 0.9, 0.0)
+    assert np.isfinite(ref[np.arange(len(tokens)), tokens]).all(), "a token outside the nucleus was drawn"
 
 
 def test_sampled_frequencies_follow_filtered_softmax():

@@ -135,7 +135,7 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(e, cfg.rms_norm_eps, dt, stack)
     self.cfg = cfg
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None):
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None, prefix_kv=None):
     cfg = self.cfg
     q = self.q_proj(x_BxTxD)
     k = self.k_proj(x_BxTxD)
@@ -163,7 +163,7 @@ class Attention(nnx.Module):
       mask_BxS = mask_BxTxS[:, 0]
       out = _decode_attention(q_BxKxGxTxE[:, :, :, 0], _cache_layer(k_cache, layer), _cache_layer(v_cache, layer),
                               k_new_BxKxE, v_new_BxKxE, mask_BxS & (jnp.arange(mask_BxS.shape[-1]) < write_index),
-                              jax.lax.dynamic_index_in_dim(mask_BxS, write_index, axis=1, keepdims=False))
+                              jax.lax.dynamic_index_in_dim(mask_BxS, write_index, axis=1, keepdims=False), prefix_kv)
       out = out[:, :, :, None].astype(x_BxTxD.dtype)
       # A data dependency of the write on the attention output (x 0: free) orders the layer read before
       # the in-place write; without it copy insertion cannot prove the order and copies the whole cache.
@@ -171,6 +171,9 @@ class Attention(nnx.Module):
       new_cache = (_cache_write(k_cache, (k_new_BxKxE + after)[..., None], layer, (0, 0, 0, write_index)),
                    _cache_write(v_cache, (v_new_BxKxE + after)[:, :, None], layer, (0, 0, write_index, 0)))
     else:
+      if prefix_kv is not None:
+        raise ValueError("forward_cached: a shared prefix is for decode steps (one new token per row); prefill "
+                         "the prefix itself without one.")
       k_cache, v_cache, layer = cache_kv
       new_cache = (_cache_write(k_cache, k.transpose(0, 2, 3, 1), layer, (0, 0, 0, write_index)),
                    _cache_write(v_cache, v.transpose(0, 2, 1, 3), layer, (0, 0, write_index, 0)))
@@ -224,25 +227,48 @@ def _chunked_attention(q_BxKxGxTxE, k_BxKxExS, v_BxKxSxE, mask_BxTxS, chunk: int
   return out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, n * chunk, E)[:, :, :, :T]
 
 
-def _decode_attention(q_BxKxGxE, k_BxKxExS, v_BxKxSxE, k_new_BxKxE, v_new_BxKxE, mask_BxS, new_valid_B):
-  """One query token against the cache (slots where mask_BxS) and its own new key/value, in fp32.
+def _decode_attention(q_BxKxGxE, k_BxKxExS, v_BxKxSxE, k_new_BxKxE, v_new_BxKxE, mask_BxS, new_valid_B,
+                      prefix_kv=None):
+  """One query token against the cache (slots where mask_BxS), its own new key/value and, if given, a shared
+  read-only prefix, with one softmax over all of them, in fp32.
 
-  Written as multiply-reduce instead of dot products: with T = 1 the "matmuls" are G×E by E×S per (row,
-  kv head), far too small for a GEMM call, and as reductions they fuse with the layer read of the stacked
-  cache and the bf16 -> fp32 casts, so the cache is read once per step.
+  Own cache: multiply-reduce instead of dot products. With T = 1 the "matmuls" are G×E by E×S per (row, kv
+  head), far too small for a GEMM call, and as reductions they fuse with the layer read of the stacked cache
+  and the bf16 -> fp32 casts, so the cache is read once per step.
+
+  `prefix_kv` = (k_PxKxExR, v_PxKxRxE, valid_PxR): R slots shared by groups of B / P consecutive rows (the
+  samples of one prompt). Reading them once per group instead of once per row is the point: with 16 samples
+  of a long prompt the prompt's keys and values are most of the bytes a decode step reads. Grouped, the
+  scores are real matmuls (the group's samples × G query heads against the prompt's keys).
   """
-  E = q_BxKxGxE.shape[-1]
+  B, K, G, E = q_BxKxGxE.shape
   q = q_BxKxGxE.astype(F32) * (E ** -0.5)
+  neg = jnp.finfo(F32).min
   scores_BxKxGxS = jnp.sum(q[..., None] * k_BxKxExS[:, :, None].astype(F32), axis=3)
-  scores_BxKxGxS = jnp.where(mask_BxS[:, None, None], scores_BxKxGxS, jnp.finfo(F32).min)
+  scores_BxKxGxS = jnp.where(mask_BxS[:, None, None], scores_BxKxGxS, neg)
   score_new_BxKxG = jnp.sum(q * k_new_BxKxE[:, :, None].astype(F32), axis=-1)
-  score_new_BxKxG = jnp.where(new_valid_B[:, None, None], score_new_BxKxG, jnp.finfo(F32).min)
+  score_new_BxKxG = jnp.where(new_valid_B[:, None, None], score_new_BxKxG, neg)
   top = jnp.maximum(jnp.max(scores_BxKxGxS, axis=-1), score_new_BxKxG)
+  if prefix_kv is not None:
+    k_pre_PxKxExR, v_pre_PxKxRxE, valid_PxR = prefix_kv
+    P, R = valid_PxR.shape
+    if B % P:
+      raise ValueError(f"decode attention: {B} rows do not split into groups over the prefix's {P} rows; rows "
+                       "must be prompt-major with the same number of samples per prompt.")
+    q_PxNxKxGxE = q.reshape(P, B // P, K, G, E).astype(k_pre_PxKxExR.dtype)
+    scores_PxNxKxGxR = jnp.einsum("pnkge,pker->pnkgr", q_PxNxKxGxE, k_pre_PxKxExR, preferred_element_type=F32)
+    scores_PxNxKxGxR = jnp.where(valid_PxR[:, None, None, None], scores_PxNxKxGxR, neg)
+    top = jnp.maximum(top, jnp.max(scores_PxNxKxGxR, axis=-1).reshape(B, K, G))
   p_BxKxGxS = jnp.exp(scores_BxKxGxS - top[..., None])
   p_new_BxKxG = jnp.exp(score_new_BxKxG - top)
   denom = jnp.sum(p_BxKxGxS, axis=-1) + p_new_BxKxG
   out = jnp.sum(p_BxKxGxS[..., None] * v_BxKxSxE[:, :, None].astype(F32), axis=3)
   out = out + p_new_BxKxG[..., None] * v_new_BxKxE[:, :, None].astype(F32)
+  if prefix_kv is not None:
+    p_PxNxKxGxR = jnp.exp(scores_PxNxKxGxR - top.reshape(P, B // P, K, G)[..., None])
+    denom = denom + jnp.sum(p_PxNxKxGxR, axis=-1).reshape(B, K, G)
+    out = out + jnp.einsum("pnkgr,pkre->pnkge", p_PxNxKxGxR.astype(v_pre_PxKxRxE.dtype), v_pre_PxKxRxE,
+                           preferred_element_type=F32).reshape(B, K, G, E)
   return out / denom[..., None]
 
 
@@ -267,8 +293,9 @@ class Block(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dt, stack)
     self.mlp = MLP(cfg, stack)
 
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None):
-    attn_out, new_cache = self.attn(self.input_norm(x_BxTxD), positions_BxT, mask_BxTxS, cache_kv, write_index)
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None, prefix_kv=None):
+    attn_out, new_cache = self.attn(self.input_norm(x_BxTxD), positions_BxT, mask_BxTxS, cache_kv, write_index,
+                                    prefix_kv)
     x = x_BxTxD + attn_out
     x = x + self.mlp(self.post_attn_norm(x))
     return constrain(x, ("batch", "length", "act_embed")), new_cache
@@ -325,15 +352,26 @@ _REMAT = {
 }
 
 
-def _apply_block(cfg, layer_params, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None):
+def _apply_block(cfg, layer_params, x_BxTxD, positions_BxT, mask_BxTxS, cache_kv=None, write_index=None,
+                 prefix_kv=None):
   state = jax.tree.map(lambda x: x, _abstract_block_state(cfg))
   nnx.replace_by_pure_dict(state, layer_params)
   block = nnx.merge(_abstract(cfg)[2], state)
-  return block(x_BxTxD, positions_BxT, mask_BxTxS, cache_kv, write_index)
+  return block(x_BxTxD, positions_BxT, mask_BxTxS, cache_kv, write_index, prefix_kv)
 
 
-def _run_layers(cfg, params, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache | None, write_index):
+def _run_layers(cfg, params, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache | None, write_index,
+                prefix: KVCache | None = None):
   block_state = params["layers"]
+
+  def prefix_layer(i):
+    """This layer's (keys, values, valid) of the shared prefix, or None."""
+    if prefix is None:
+      return None
+    k, v = prefix.k_LxBxKxExS, prefix.v_LxBxKxSxE
+    if isinstance(k, (list, tuple)):
+      return k[i], v[i], prefix.valid_BxS
+    return _cache_layer(k, i), _cache_layer(v, i), prefix.valid_BxS
 
   def body(carry, layer_params_and_index):
     x, k_all, v_all = carry
@@ -342,7 +380,7 @@ def _run_layers(cfg, params, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache 
       x, _ = _apply_block(cfg, layer_params, x, positions_BxT, mask_BxTxS)
     else:
       x, (k_all, v_all) = _apply_block(cfg, layer_params, x, positions_BxT, mask_BxTxS, (k_all, v_all, i),
-                                       write_index)
+                                       write_index, prefix_layer(i))
     return (x, k_all, v_all), None
 
   if cfg.remat != "none":
@@ -362,12 +400,15 @@ def _run_layers(cfg, params, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache 
         (x_BxTxD, _, _), _ = body((x_BxTxD, None, None), (layer_params, i))
       elif unstacked_cache:
         x_BxTxD, (ks[i], vs[i]) = _apply_block(cfg, layer_params, x_BxTxD, positions_BxT, mask_BxTxS,
-                                               (ks[i], vs[i], None), write_index)
+                                               (ks[i], vs[i], None), write_index, prefix_layer(i))
       else:
         (x_BxTxD, k_all, v_all), _ = body((x_BxTxD, k_all, v_all), (layer_params, i))
     if unstacked_cache:
       return x_BxTxD, tuple(ks), tuple(vs)
     return x_BxTxD, k_all, v_all
+  if prefix is not None and isinstance(prefix.k_LxBxKxExS, (list, tuple)):
+    raise ValueError("forward_cached: the prefix cache is per-layer (unstack_cache) but the params and the cache "
+                     "are stacked; unstack the params or the cache as well, or pass a stacked prefix.")
   (x, k_all, v_all), _ = jax.lax.scan(body, (x_BxTxD, k_all, v_all),
                                       (block_state, jnp.arange(cfg.num_layers)))
   return x, k_all, v_all
@@ -444,13 +485,19 @@ def forward(cfg: ModelConfig, params: Params, tokens_BxT, *, positions=None, mas
 
 
 def forward_cached(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, token_mask_BxT,
-                   cache: KVCache, write_index, *, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+                   cache: KVCache, write_index, *, last_only: bool = False,
+                   prefix: KVCache | None = None) -> tuple[jax.Array, KVCache]:
   """Runs T new tokens per row against the cache, writing them at slots [write_index, write_index+T).
 
   Used for prefill (T = prompt length, write_index = 0) and decode (T = 1). Returns fp32 logits of the
   new tokens and the updated cache; donate the cache for in-place updates. `last_only=True` returns only
   the last position's logits (B×1×V): a sampler's prefill needs nothing else, and the full B×T×V head
   would cost about a quarter of a small model's prefill.
+
+  `prefix` (decode only, T = 1): a read-only cache shared by groups of rows, e.g. one prefilled prompt for
+  its num_samples rows. Its P rows serve the B rows prompt-major (row b reads prefix row b // (B / P)), every
+  row attends over all of its valid slots before the row's own cache, and positions continue after it. It is
+  stored and read once per group instead of once per row.
   """
   B, T = tokens_BxT.shape
   S = cache.max_length
@@ -459,7 +506,7 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, 
   query_slots_T = write_index + jnp.arange(T)
   mask_BxTxS = valid_BxS[:, None, :] & (slots_S[None, None, :] <= query_slots_T[None, :, None])
   x = _embed(cfg, params, tokens_BxT)
-  x, k_all, v_all = _run_layers(cfg, params, x, positions_BxT, mask_BxTxS, cache, write_index)
+  x, k_all, v_all = _run_layers(cfg, params, x, positions_BxT, mask_BxTxS, cache, write_index, prefix)
   if last_only:
     x = x[:, -1:]
   logits = logits_from_hidden(cfg, params, rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps))

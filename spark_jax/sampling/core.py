@@ -6,9 +6,11 @@ All settings that change the program (lengths, filters, stop conditions) live in
 `SamplingParams`; everything else is an array.
 
 Layout. B prompts are LEFT-padded to one (bucketed) length P, so every row writes the same cache slot at
-every step (one dynamic_update_slice per layer). Each prompt is prefilled once; its cache rows are then
-repeated `num_samples` times, giving N = B * num_samples decode rows in prompt-major order (row
-`b * num_samples + s` is sample s of prompt b). The cache holds S = P + max_new_tokens slots.
+every step (one dynamic_update_slice per layer). Each prompt is prefilled once, giving N = B * num_samples
+decode rows in prompt-major order (row `b * num_samples + s` is sample s of prompt b). With one sample per
+prompt the cache holds S = P + M slots per row. With several, the prompts' caches stay B rows of P slots, a
+read-only prefix every sample of the prompt attends over, and each row has its own M slots for what it
+generates (see `decoder.forward_cached(prefix=...)`).
 
 Sampling order (the Hugging Face order): raw fp32 logits -> / temperature -> top-k -> top-p -> min-p ->
 categorical draw. Temperature 0 is greedy (argmax of the raw logits; the filters do not apply). The
@@ -135,30 +137,82 @@ class CoreOutput:
 
 # ---------------------------------------------------------------------------------------------- filters
 
+# Top-p without top-k first looks for the nucleus among this many best tokens (one `lax.top_k`) and sorts the
+# whole vocabulary only when some row's candidates hold less than top_p of the mass (see `_top_p_threshold`).
+TOP_P_CANDIDATES = 1024
+# A row counts as covered by its candidates only when their mass exceeds top_p by this much: the masses the
+# full sort would compute past the candidates are then >= top_p despite their rounding (see `_top_p_threshold`).
+_TOP_P_COVER_MARGIN = 1e-6
+
+
+def _nucleus(probs_NxK: jax.Array, top_p: float, mass_Nx1: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(tokens of descending `probs_NxK` whose mass before them is < top_p, cumulative mass through the last one).
+
+  `mass_Nx1` is the mass before the first of these tokens (0 when omitted).
+  """
+  cum_NxK = jnp.cumsum(probs_NxK, axis=-1)
+  if mass_Nx1 is not None:
+    cum_NxK = mass_Nx1 + cum_NxK
+  mass_before_NxK = cum_NxK - probs_NxK
+  count_Nx1 = jnp.sum(mass_before_NxK < jnp.float32(top_p), axis=-1, keepdims=True)
+  return count_Nx1, cum_NxK[:, -1:]
+
+
+def _top_p_threshold(x_NxV: jax.Array, top_p: float, candidates: int) -> jax.Array:
+  """N×1: the smallest logit in each row's nucleus (the top-p threshold), exactly as a full sort gives it.
+
+  Probabilities are exp(x - logsumexp of the full row). The nucleus is the first `keep` tokens in descending
+  order, `keep` = #{i : mass before token i < top_p} (>= 1). A `lax.top_k` of `candidates` tokens finds it when
+  their mass reaches top_p (+ `_TOP_P_COVER_MARGIN`) in every row; otherwise one `lax.cond` branch sorts the
+  whole vocabulary. The sort's branch runs the candidates' arithmetic on its first `candidates` sorted values
+  (the same values, so bit-identical masses) and continues the cumulative sum from their total, so a covered
+  row gets the same threshold from either branch: past the candidates, every mass-before is >= that total
+  minus one rounding, hence >= top_p given the margin.
+  """
+  V = x_NxV.shape[-1]
+  k = min(V, candidates)
+  lse_Nx1 = jax.nn.logsumexp(x_NxV, axis=-1, keepdims=True)
+  cand_NxK, _ = jax.lax.top_k(x_NxV, k)  # descending
+  keep_Nx1, mass_Nx1 = _nucleus(jnp.exp(cand_NxK - lse_Nx1), top_p)
+  fast_Nx1 = jnp.take_along_axis(cand_NxK, keep_Nx1 - 1, axis=-1)
+  if k == V:  # the candidates are the whole row
+    return fast_Nx1
+
+  def full_sort(x_NxV, lse_Nx1, fast_Nx1):
+    del fast_Nx1
+    sorted_NxV = jnp.flip(jnp.sort(x_NxV, axis=-1), axis=-1)
+    probs_NxV = jnp.exp(sorted_NxV - lse_Nx1)
+    head_Nx1, head_mass_Nx1 = _nucleus(probs_NxV[:, :k], top_p)
+    tail_Nx1, _ = _nucleus(probs_NxV[:, k:], top_p, head_mass_Nx1)
+    return jnp.take_along_axis(sorted_NxV, head_Nx1 + tail_Nx1 - 1, axis=-1)
+
+  covered_N = mass_Nx1[:, 0] - jnp.float32(top_p) >= jnp.float32(_TOP_P_COVER_MARGIN)
+  return jax.lax.cond(jnp.all(covered_N), lambda x, lse, fast: fast, full_sort, x_NxV, lse_Nx1, fast_Nx1)
+
 
 def filter_logits(logits_NxV: jax.Array, params: SamplingParams) -> jax.Array:
   """Temperature, top-k, top-p and min-p in fp32; dropped tokens get -inf. Not used when greedy.
 
   Each filter sees the distribution left by the previous one (HF order). Thresholds are value-based: a token
-  tied with the last kept value is kept too.
+  tied with the last kept value is kept too. Without top-k, top-p avoids sorting the vocabulary when the
+  `TOP_P_CANDIDATES` best tokens of every row hold the nucleus (see `_top_p_threshold`; same result).
   """
   x = logits_NxV.astype(F32)
   if params.temperature != 1.0:
     x = x / jnp.float32(params.temperature)
   V = x.shape[-1]
   neg_inf = jnp.float32(-jnp.inf)
-  sorted_desc = None
   if 0 < params.top_k < V:
     sorted_desc, _ = jax.lax.top_k(x, params.top_k)  # N×k, descending
     x = jnp.where(x >= sorted_desc[:, -1:], x, neg_inf)
-  if params.top_p < 1.0:
-    if sorted_desc is None:  # no top-k to shrink the problem: a full sort
-      sorted_desc = jnp.flip(jnp.sort(x, axis=-1), axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = jnp.sum(mass_before < jnp.float32(params.top_p), axis=-1, keepdims=True)  # >= 1
-    threshold = jnp.take_along_axis(sorted_desc, keep - 1, axis=-1)
-    x = jnp.where(x >= threshold, x, neg_inf)
+    if params.top_p < 1.0:
+      probs = jax.nn.softmax(sorted_desc, axis=-1)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      keep = jnp.sum(mass_before < jnp.float32(params.top_p), axis=-1, keepdims=True)  # >= 1
+      threshold = jnp.take_along_axis(sorted_desc, keep - 1, axis=-1)
+      x = jnp.where(x >= threshold, x, neg_inf)
+  elif params.top_p < 1.0:
+    x = jnp.where(x >= _top_p_threshold(x, params.top_p, TOP_P_CANDIDATES), x, neg_inf)
   if params.min_p > 0.0:
     # p_i >= min_p * p_max  <=>  x_i - x_max >= log(min_p)
     x_max = jnp.max(x, axis=-1, keepdims=True)
@@ -212,6 +266,12 @@ def _stop_string_hits(window_NxW, n_new_N, params: SamplingParams) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ core
+
+
+def _constrain_cache(cache: decoder.KVCache) -> decoder.KVCache:
+  return decoder.KVCache(constrain(cache.k_LxBxKxExS, (None, "batch", "act_kv_heads", None, "cache_length")),
+                         constrain(cache.v_LxBxKxSxE, (None, "batch", "act_kv_heads", "cache_length", None)),
+                         constrain(cache.valid_BxS, ("batch", "cache_length")))
 
 
 @jax.tree_util.register_dataclass
@@ -297,17 +357,20 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
   positions_BxP = decoder.default_positions(mask_BxP)
   tokens_BxP = jnp.where(mask_BxP, prompt_tokens_BxP.astype(jnp.int32), 0)
 
-  # Prefill each distinct prompt once, then share its cache rows across its samples.
-  cache = decoder.init_cache(cfg, B, S)
+  # Prefill each distinct prompt once. One sample per prompt: the prompt and its continuation share one
+  # cache of P + M slots. Several: the prompt's cache becomes a read-only prefix shared by its samples, each
+  # of which gets its own M slots; decode steps then read a prompt's keys and values once per prompt, not
+  # once per sample (the bulk of a step's bytes for 16 samples of a long prompt).
+  shared = ns > 1
+  cache = decoder.init_cache(cfg, B, P if shared else S)
   logits_Bx1xV, cache = decoder.forward_cached(cfg, params, tokens_BxP, positions_BxP, mask_BxP, cache, 0,
                                                last_only=True)
-  if ns > 1:
-    cache = decoder.KVCache(jnp.repeat(cache.k_LxBxKxExS, ns, axis=1), jnp.repeat(cache.v_LxBxKxSxE, ns, axis=1),
-                            jnp.repeat(cache.valid_BxS, ns, axis=0))
+  prefix = None
+  if shared:
+    prefix = _constrain_cache(cache)
+    cache = decoder.init_cache(cfg, N, M)
     logits_Bx1xV = jnp.repeat(logits_Bx1xV, ns, axis=0)
-  cache = decoder.KVCache(constrain(cache.k_LxBxKxExS, (None, "batch", "act_kv_heads", None, "cache_length")),
-                          constrain(cache.v_LxBxKxSxE, (None, "batch", "act_kv_heads", "cache_length", None)),
-                          constrain(cache.valid_BxS, ("batch", "cache_length")))
+  cache = _constrain_cache(cache)
   lengths_N = jnp.repeat(lengths_B, ns)
 
   window = None
@@ -328,14 +391,17 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
   if unstack_layers:  # per-layer weights and cache buffers: see decoder.unstack_layers / unstack_cache
     decode_params = decoder.unstack_layers(params)
     state = dataclasses.replace(state, cache=decoder.unstack_cache(state.cache))
+    prefix = None if prefix is None else decoder.unstack_cache(prefix)
+  first_slot = 0 if shared else P  # the cache slot of generated token 0
 
   def cond(s: _State):
     return (s.step < M) & ~jnp.all(s.done_N)
 
   def body(s: _State):
-    # Feed the token sampled at step-1 (position prompt_len + step - 1, slot P + step - 1).
+    # Feed the token sampled at step-1 (position prompt_len + step - 1, slot first_slot + step - 1).
     logits_Nx1xV, cache = decoder.forward_cached(
-        cfg, decode_params, s.last_N[:, None], (lengths_N + s.step - 1)[:, None], ones_Nx1, s.cache, P + s.step - 1)
+        cfg, decode_params, s.last_N[:, None], (lengths_N + s.step - 1)[:, None], ones_Nx1, s.cache,
+        first_slot + s.step - 1, prefix=prefix)
     tok_N, lp_N = sample_tokens(logits_Nx1xV[:, 0], _step_keys(row_keys_N, s.step), settings)
     s = _record(dataclasses.replace(s, cache=cache), s.step, tok_N, lp_N, settings, stop_table)
     return dataclasses.replace(s, step=s.step + 1)
