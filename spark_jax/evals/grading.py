@@ -522,14 +522,19 @@ def _kill_workers(workers: list[_Worker]) -> None:
   deadline = time.monotonic() + 0.2  # Interpreter teardown with sympy loaded can take ~1 s; don't wait.
   for w in workers:
     w.process.join(timeout=max(0.0, deadline - time.monotonic()))
-    if w.process.is_alive():
-      w.process.kill()
-      w.process.join(timeout=5.0)
-    try:
-      w.conn.close()
-    except OSError:
-      pass
+    _stop_worker(w)
   workers.clear()
+
+
+def _stop_worker(worker: _Worker) -> None:
+  """SIGKILL if still alive, reap, close the pipe."""
+  if worker.process.is_alive():
+    worker.process.kill()
+  worker.process.join(timeout=5.0)
+  try:
+    worker.conn.close()
+  except OSError:
+    pass
 
 
 def default_num_workers() -> int:
@@ -635,13 +640,7 @@ class GradingPool:
     return worker
 
   def _retire(self, worker: _Worker) -> None:
-    if worker.process.is_alive():
-      worker.process.kill()
-    worker.process.join(timeout=5.0)
-    try:
-      worker.conn.close()
-    except OSError:
-      pass
+    _stop_worker(worker)
     self._workers.remove(worker)
 
   # Grading -------------------------------------------------------------------------------------------
