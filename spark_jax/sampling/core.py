@@ -206,9 +206,7 @@ def filter_logits(logits_NxV: jax.Array, params: SamplingParams) -> jax.Array:
     sorted_desc, _ = jax.lax.top_k(x, params.top_k)  # N×k, descending
     x = jnp.where(x >= sorted_desc[:, -1:], x, neg_inf)
     if params.top_p < 1.0:
-      probs = jax.nn.softmax(sorted_desc, axis=-1)
-      mass_before = jnp.cumsum(probs, axis=-1) - probs
-      keep = jnp.sum(mass_before < jnp.float32(params.top_p), axis=-1, keepdims=True)  # >= 1
+      keep, _ = _nucleus(jax.nn.softmax(sorted_desc, axis=-1), params.top_p)  # >= 1
       threshold = jnp.take_along_axis(sorted_desc, keep - 1, axis=-1)
       x = jnp.where(x >= threshold, x, neg_inf)
   elif params.top_p < 1.0:
