@@ -10,12 +10,12 @@ from spark_jax.io import write_summary
 
 JOBS = {
     "inspect_model": "spark_jax.jobs:inspect_model",
-    "generate": "spark_jax.spark.jobs:run_generate",
-    "verify": "spark_jax.spark.jobs:run_verify",
-    "verify_reference": "spark_jax.spark.jobs:run_verify_reference",
-    "critique": "spark_jax.spark.jobs:run_critique",
-    "aggregate": "spark_jax.spark.jobs:run_aggregate",
-    "stage1": "spark_jax.spark.jobs:run_stage1",
+    "generate": "spark_jax.stage1.jobs:run_generate",
+    "verify": "spark_jax.stage1.jobs:run_verify",
+    "verify_reference": "spark_jax.stage1.jobs:run_verify_reference",
+    "critique": "spark_jax.stage1.jobs:run_critique",
+    "aggregate": "spark_jax.stage1.jobs:run_aggregate",
+    "stage1": "spark_jax.stage1.jobs:run_stage1",
     "sft": "spark_jax.train.loop:run_sft",
     "processbench": "spark_jax.evals.processbench_job:run_processbench",
 }

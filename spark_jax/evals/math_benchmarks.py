@@ -24,7 +24,7 @@ import os
 from typing import Any, Callable
 
 from spark_jax.evals import resolve_data_path
-from spark_jax.evals.grading import last_boxed
+from spark_jax.text.answers import last_boxed
 
 BENCHMARKS = ("math500", "aime24", "aime25", "amc23", "olympiadbench", "minerva_math")
 EXTRA_BENCHMARKS = ("gsm8k",)

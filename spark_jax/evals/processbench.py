@@ -26,7 +26,8 @@ import re
 from typing import Any, Mapping, Sequence
 
 from spark_jax.evals import resolve_data_path
-from spark_jax.evals.grading import last_boxed, strip_think
+from spark_jax.text.answers import last_boxed
+from spark_jax.text.verdicts import strip_thinking as strip_think
 
 SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
 SPLIT_SIZES = {"gsm8k": 400, "math": 1000, "olympiadbench": 1000, "omnimath": 1000}

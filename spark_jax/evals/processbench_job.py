@@ -17,7 +17,8 @@ import os
 
 from spark_jax import io
 from spark_jax.evals import processbench as pb
-from spark_jax.spark import parsing, prompts
+from spark_jax.text import verdicts as parsing
+from spark_jax.text import rm as prompts
 
 PRM_FORMATS = ("prm", "prm_cot", "think_prm")
 

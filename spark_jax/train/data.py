@@ -184,7 +184,7 @@ def _check_messages(where: str, row: Any) -> list[dict]:
     keys = sorted(row) if isinstance(row, Mapping) else type(row).__name__
     raise ValueError(f"{where}: row has no 'messages' field (it has {keys}); SFT rows must look like "
                      "{'messages': [{'role': 'user', ...}, {'role': 'assistant', ...}], 'format': ...} "
-                     "(see spark_jax/spark/formats.py).")
+                     "(see spark_jax/stage1/formats.py).")
   messages = row["messages"]
   if not isinstance(messages, (list, tuple)) or not messages:
     raise ValueError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} dicts, got "

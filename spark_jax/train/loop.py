@@ -321,7 +321,7 @@ def run_sft(config) -> dict:
   tokenizer = Tokenizer.from_pretrained(tok_dir)
 
   # ---- data
-  from spark_jax.spark.prompts import RM_FORMATS
+  from spark_jax.text.rm import RM_FORMATS
   formats = (config.format,) if config.format else _names(config.formats, "formats")
   variants = _names(config.variants, "variants")
   unknown = sorted(set(formats) - set(RM_FORMATS))

@@ -24,7 +24,8 @@ import time
 
 from spark_jax import io
 from spark_jax.evals import grading
-from spark_jax.spark import aggregate, curation, formats, parsing, prompts
+from spark_jax.stage1 import aggregate, curation, formats, prompts
+from spark_jax.text import verdicts as parsing
 
 _THINKING = {"auto": None, "on": True, "off": False}
 

@@ -45,8 +45,8 @@ import collections
 import dataclasses
 from typing import Any, Iterable, Mapping, Sequence
 
-from spark_jax.spark import parsing
-from spark_jax.spark.prompts import RM_FORMATS, final_verdict_line, prm_step_line
+from spark_jax.text import verdicts as parsing
+from spark_jax.text.rm import RM_FORMATS, final_verdict_line, prm_step_line
 
 VARIANTS = (
     "single",

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
-from spark_jax.spark import parsing
-from spark_jax.spark.aggregate import VariantRecord
-from spark_jax.spark.prompts import RM_FORMATS, rm_prompt
+from spark_jax.text import verdicts as parsing
+from spark_jax.stage1.aggregate import VariantRecord
+from spark_jax.text.rm import RM_FORMATS, rm_prompt
 
 
 def _check_target(fmt: str, target: str, where: str) -> None:

@@ -9,7 +9,9 @@ import re
 
 import pytest
 
-from spark_jax.spark import parsing, prompts
+from spark_jax.text import verdicts as parsing
+from spark_jax.stage1 import prompts
+from spark_jax.text import rm
 
 SLICE_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "skywork_math_8k"
 PROBLEM = r"Find $x$ if $\frac{x}{2} = {3}$."
@@ -17,24 +19,24 @@ SOLUTION = "Step 1: Multiply both sides by 2: x = 6.\nAnswer: 6"
 
 
 def test_rm_prompts_exact():
-  assert prompts.rm_prompt("orm", "Q?", "S.") == "Problem: Q?\n\nSolution: S.\n\nIs the answer correct (Yes/No)?"
+  assert rm.rm_prompt("orm", "Q?", "S.") == "Problem: Q?\n\nSolution: S.\n\nIs the answer correct (Yes/No)?"
   prm = "Problem: Q?\n\nStudent Solution: S.\n\nLet's verify step by step."
   for fmt in ("prm", "prm_cot", "think_prm"):
-    assert prompts.rm_prompt(fmt, "Q?", "S.") == prm
+    assert rm.rm_prompt(fmt, "Q?", "S.") == prm
   # Braces in math must survive untouched (no str.format anywhere).
-  assert prompts.rm_prompt("prm", PROBLEM, SOLUTION).startswith(f"Problem: {PROBLEM}\n\nStudent Solution: {SOLUTION}")
+  assert rm.rm_prompt("prm", PROBLEM, SOLUTION).startswith(f"Problem: {PROBLEM}\n\nStudent Solution: {SOLUTION}")
   with pytest.raises(ValueError, match="unknown reward-model format 'prm-cot'"):
-    prompts.rm_prompt("prm-cot", "Q", "S")
+    rm.rm_prompt("prm-cot", "Q", "S")
 
 
 def test_marker_helpers():
-  assert prompts.final_verdict_line(True) == "**Verification: Is the answer correct (Yes/No)? Yes**"
-  assert prompts.final_verdict_line(False) == "**Verification: Is the answer correct (Yes/No)? No**"
-  assert prompts.step_marker(True) == "**This step is correct.**"
-  assert prompts.step_marker(False) == "**This step is incorrect.**"
-  assert prompts.prm_step_line(2, False) == "Step 2: Incorrect"
+  assert rm.final_verdict_line(True) == "**Verification: Is the answer correct (Yes/No)? Yes**"
+  assert rm.final_verdict_line(False) == "**Verification: Is the answer correct (Yes/No)? No**"
+  assert rm.step_marker(True) == "**This step is correct.**"
+  assert rm.step_marker(False) == "**This step is incorrect.**"
+  assert rm.prm_step_line(2, False) == "Step 2: Incorrect"
   with pytest.raises(ValueError):
-    prompts.prm_step_line(0, True)
+    rm.prm_step_line(0, True)
 
 
 def test_generator_prompt():
@@ -131,4 +133,4 @@ def test_prompts_on_real_problems_keep_text_verbatim():
   for r in _slice_rows():
     assert f"Problem: {r['problem']}\n" in prompts.generator_prompt(r["problem"])
     assert f"\n\nQuestion: {r['problem']}\n\n" in prompts.verifier_prompt(r["problem"], "Step 1: x\nAnswer: 1")
-    assert prompts.rm_prompt("orm", r["problem"], "s").startswith(f"Problem: {r['problem']}\n\nSolution: s")
+    assert rm.rm_prompt("orm", r["problem"], "s").startswith(f"Problem: {r['problem']}\n\nSolution: s")

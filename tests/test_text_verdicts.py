@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spark_jax.spark import parsing
+from spark_jax.text import verdicts as parsing
 
 C = "**This step is correct.**"
 I = "**This step is incorrect.**"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from spark_jax.spark import aggregate, formats, parsing
-from spark_jax.spark.aggregate import AggregationConfig, build_variant_records, outcome_majority, step_majority
+from spark_jax.stage1 import aggregate, formats
+from spark_jax.text import verdicts as parsing
+from spark_jax.stage1.aggregate import AggregationConfig, build_variant_records, outcome_majority, step_majority
 
 T, F = True, False
 

@@ -1,7 +1,7 @@
 """Prompt texts for SPARK Stage I (generator, verifier, critic, merger) and for the generative reward models.
 
 The wording is our own; only the structure follows the SPARK pipeline (SPEC 2.2, 2.5, 2.6, 3.2, 6). The
-output markers are different: they are a *format* that the parsers (`spark_jax.spark.parsing`), the
+output markers are different: they are a *format* that the parsers (`spark_jax.stage1.parsing`), the
 aggregated training targets and the trained reward models all depend on, so they are defined once here and
 must match byte for byte:
 
@@ -19,32 +19,8 @@ full of `{` and `}`.
 
 from __future__ import annotations
 
-from spark_jax.spark.parsing import strip_thinking
-
-# Reward-model output formats (Stage II). ThinkPRM is queried with the PRM prompt; only its target differs.
-RM_FORMATS = ("orm", "prm", "prm_cot", "think_prm")
-
-STEP_CORRECT_MARKER = "**This step is correct.**"
-STEP_INCORRECT_MARKER = "**This step is incorrect.**"
-FINAL_VERDICT_QUESTION = "Verification: Is the answer correct (Yes/No)?"
-
-
-def step_marker(is_correct: bool) -> str:
-  """The bold verdict line that closes one `## Step k` block of a teacher verification."""
-  return STEP_CORRECT_MARKER if is_correct else STEP_INCORRECT_MARKER
-
-
-def final_verdict_line(is_correct: bool) -> str:
-  """The final verdict line shared by the verifier, PRM and PRM-CoT formats."""
-  return f"**{FINAL_VERDICT_QUESTION} {'Yes' if is_correct else 'No'}**"
-
-
-def prm_step_line(step_number: int, is_correct: bool) -> str:
-  """One line of the no-CoT PRM target, e.g. `Step 3: Incorrect` (1-based step numbers)."""
-  if step_number < 1:
-    raise ValueError(f"PRM step numbers start at 1; got {step_number}.")
-  return f"Step {step_number}: {'Correct' if is_correct else 'Incorrect'}"
-
+from spark_jax.text.rm import FINAL_VERDICT_QUESTION, STEP_CORRECT_MARKER, STEP_INCORRECT_MARKER, final_verdict_line, step_marker
+from spark_jax.text.verdicts import strip_thinking
 
 # --------------------------------------------------------------------------------------------------------
 # Generator (SPEC 2.2)
@@ -309,18 +285,3 @@ def merger_prompt(problem: str, solution: str, verification: str, critique: str)
       "\n"
       f"**{FINAL_VERDICT_QUESTION} X**"
   )
-
-
-# --------------------------------------------------------------------------------------------------------
-# Reward-model prompts (SPEC 3.2). These strings must stay exactly as they are: the SFT data (Stage II)
-# and the RL reward queries (Stage III) must see the identical prompt.
-# --------------------------------------------------------------------------------------------------------
-
-
-def rm_prompt(fmt: str, problem: str, solution: str) -> str:
-  """The user message that queries a generative reward model of format `fmt` (one of RM_FORMATS)."""
-  if fmt == "orm":
-    return f"Problem: {problem}\n\nSolution: {solution}\n\nIs the answer correct (Yes/No)?"
-  if fmt in ("prm", "prm_cot", "think_prm"):
-    return f"Problem: {problem}\n\nStudent Solution: {solution}\n\nLet's verify step by step."
-  raise ValueError(f"unknown reward-model format {fmt!r}; use one of {RM_FORMATS}.")
