@@ -59,7 +59,8 @@ class ChatModel:
 
   def sample(self, user_messages: Sequence[str], *, num_samples: int = 1, temperature: float = 0.0,
              top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0, stop_strings: Sequence[str] = (),
-             enable_thinking: bool | None = None) -> list[list[Completion]]:
+             enable_thinking: bool | None = None, prompt_indices: Sequence[int] | None = None
+             ) -> list[list[Completion]]:
     """One list of `num_samples` completions per message, in order; special tokens are not decoded."""
     from spark_jax.sampling.core import SamplingParams
     if not user_messages:
@@ -70,6 +71,7 @@ class ChatModel:
                               stop_strings=tuple(s.encode() for s in stop_strings))
     if stop_strings and self._token_bytes is None:
       self._token_bytes = self.tokenizer.token_bytes_table(self.cfg.vocab_size)
-    results = self.engine.generate(prompts, settings, seed=seed, token_bytes=self._token_bytes)
+    results = self.engine.generate(prompts, settings, seed=seed, prompt_indices=prompt_indices,
+                                   token_bytes=self._token_bytes)
     return [[Completion(self.tokenizer.decode(r.tokens, skip_special_tokens=True), len(r.tokens), r.finish_reason)
              for r in per_prompt] for per_prompt in results]

@@ -153,7 +153,7 @@ class SamplingEngine:
   # ------------------------------------------------------------------------------------------------ run
 
   def generate(self, prompts: Sequence[Sequence[int]], settings: core.SamplingParams, *, seed: int = 0,
-               token_bytes: Sequence[bytes] | None = None,
+               prompt_indices: Sequence[int] | None = None, token_bytes: Sequence[bytes] | None = None,
                stop_labels: Sequence[str | bytes] | None = None) -> list[list[Sample]]:
     """Samples `settings.num_samples` continuations per prompt; returns them in the prompts' order.
 
@@ -161,11 +161,19 @@ class SamplingEngine:
       prompts: token-id lists (unpadded, at least one token each).
       settings: static sampling settings.
       seed: the job's seed (see the module docstring for how rows derive their keys).
+      prompt_indices: a global index per prompt (e.g. its row in the job's input); row keys fold in this index,
+        so a prompt's samples do not depend on which batch, shard or process it lands in. Default 0..n-1.
       token_bytes: bytes of each token id (e.g. `Tokenizer.token_bytes_table()`); needed for stop strings.
       stop_labels: how to report each of settings.stop_strings in `Sample.stop` (default: the bytes).
     """
     cfg = self.cfg
     prompts = _validate_prompts(prompts, cfg, settings.max_new_tokens)
+    if prompt_indices is None:
+      prompt_indices = range(len(prompts))
+    prompt_indices = [int(i) for i in prompt_indices]
+    if len(prompt_indices) != len(prompts) or min(prompt_indices, default=0) < 0:
+      raise ValueError(f"prompt_indices: need one non-negative index per prompt ({len(prompts)}); "
+                       f"got {len(prompt_indices)} (min {min(prompt_indices, default=0)}).")
     table = None
     if settings.stop_strings:
       if token_bytes is None:
@@ -189,7 +197,7 @@ class SamplingEngine:
       for chunk in chunks + [None]:
         launched = None
         if chunk is not None:
-          launched = (chunk, self._launch(chunk, prompts, settings, seed, table, per_batch))
+          launched = (chunk, self._launch(chunk, prompts, prompt_indices, settings, seed, table, per_batch))
         if pending is not None:
           done_chunk, out = pending
           tokens, logprobs, lengths, finish = jax.device_get(
@@ -208,7 +216,8 @@ class SamplingEngine:
         bar.close()
     return results  # type: ignore[return-value]
 
-  def _launch(self, chunk, prompts, settings: core.SamplingParams, seed: int, table, per_batch: int):
+  def _launch(self, chunk, prompts, prompt_indices, settings: core.SamplingParams, seed: int, table,
+              per_batch: int):
     ns = settings.num_samples
     length = bucket_length(max(len(prompts[i]) for i in chunk), self.prompt_buckets)
     batch = min(_next_pow2(len(chunk)), _next_pow2(per_batch))
@@ -220,7 +229,7 @@ class SamplingEngine:
       p = prompts[i]
       tokens[j, length - len(p):] = p
       lengths[j] = len(p)
-      indices[j] = i
+      indices[j] = prompt_indices[i]
     keys = _row_keys(seed, indices, ns)
     args = (self.params, self._place_rows(tokens), self._place_rows(lengths), self._place_rows(keys), table)
     table_shape = None if table is None else tuple(table.bytes_VxW.shape)
