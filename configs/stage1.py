@@ -12,7 +12,7 @@ from configs import common
 
 def stage1_config(job: str = "stage1", variant: str = "") -> "common.ConfigDict":
   config = common.base(job, workdir="runs/stage1")
-  config.data = "data/skywork_math_8k/problems_256.jsonl"
+  config.data = "data/skywork_math_8k/problems_8k.jsonl"  # the full 8,000-problem pool (packaged data)
   config.problem_field = "problem"
   config.answer_field = "answer"  # "" when there is no ground truth
   config.id_field = "id"
@@ -58,6 +58,7 @@ def stage1_config(job: str = "stage1", variant: str = "") -> "common.ConfigDict"
 
   if variant == "demo":
     config.workdir = "runs/stage1_demo"
+    config.data = "data/skywork_math_8k/problems_256.jsonl"  # the first 256 problems of the pool
     config.limit = 8
     config.shard_size = 4
     config.generator = common.model("smollm2-135m-instruct", init="pretrained")

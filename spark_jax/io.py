@@ -1,4 +1,10 @@
-"""Files in and out: datasets-compatible records, atomic writes, resumable sharded jobs, summaries.
+"""Files in and out: packaged data, records, atomic writes, the cache directory, resumable sharded jobs.
+
+The one place for each of these:
+- `resolve_data_path`: where a data path points (the packaged data sets under spark_jax/data included).
+- `iter_records` / `read_records`: every JSONL / JSON / parquet / hub reader of rows in the project.
+- `atomic_path` (and the `write_*_atomic` wrappers on it): every file or folder written in one rename.
+- `cache_dir`: where derived artefacts (converted checkpoints, built tokenizers) are kept between runs.
 
 Every job is `(config) -> files in config.workdir`. Work is cut into shards; a finished shard is written
 atomically (temp file + rename), so a preempted VM loses at most the shard in flight and a restart
@@ -7,14 +13,59 @@ skips what is on disk. In multi-process runs shard i belongs to process i mod pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
 import os
+import pathlib
+import shutil
+import tempfile
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import tqdm
+
+# The data sets that ship inside the package, one folder each with its README.md (provenance) and SHA256SUMS:
+# processbench, the six math benchmarks (+ gsm8k), skywork_math_8k (the Stage I pool and its 256 slice).
+DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
+CACHE_ENV = "SPARK_JAX_CACHE"
+
+
+def resolve_data_path(path: str | os.PathLike[str]) -> pathlib.Path:
+  """The one rule for where a data path points; raises FileNotFoundError naming every place it looked.
+
+  1. An absolute path (after `~` expansion) is used as is.
+  2. A relative path that exists from the working directory is used as is.
+  3. Otherwise a path `data/<rest>` names the packaged copy `DATA_DIR/<rest>` (spark_jax/data/<rest>), so the
+     configs' `data/processbench` or `data/skywork_math_8k/problems_8k.jsonl` work from any directory, in a
+     checkout and in an installed wheel alike.
+  """
+  p = pathlib.Path(path).expanduser()
+  if p.is_absolute() or p.exists():
+    if not p.exists():
+      raise FileNotFoundError(f"data path {str(path)!r} does not exist.")
+    return p
+  tried = [str(p.resolve())]
+  if p.parts and p.parts[0] == "data":
+    packaged = DATA_DIR.joinpath(*p.parts[1:])
+    if packaged.exists():
+      return packaged
+    tried.append(str(packaged))
+  hint = (f"the packaged data sets are {sorted(d.name for d in DATA_DIR.iterdir() if d.is_dir())} under "
+          f"{DATA_DIR} (name them data/<set>/...)" if DATA_DIR.is_dir() else
+          f"the packaged data folder {DATA_DIR} is missing: reinstall spark_jax")
+  raise FileNotFoundError(f"data path {str(path)!r} does not exist (looked at {', '.join(tried)}); {hint}.")
+
+
+def cache_dir(*parts: str) -> str:
+  """`$SPARK_JAX_CACHE/<parts>` (default ~/.cache/spark_jax): converted checkpoints, built tokenizers."""
+  root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "spark_jax")
+  return os.path.join(root, *parts)
+
+
+# ------------------------------------------------------------------------------------------------ records
 
 
 class RecordError(ValueError):
@@ -30,66 +81,97 @@ class ReadStats:
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
-def _files(path: str) -> list[str]:
-  if os.path.isdir(path):
-    files = sorted(f for ext in ("jsonl", "json", "parquet") for f in glob.glob(os.path.join(path, f"*.{ext}")))
+def _is_hub_id(source: str) -> bool:
+  """"org/name" or "name": not a path, a glob or a data file name."""
+  return (not any(c in source for c in "*?[") and source.count("/") <= 1 and not source.startswith((".", "/", "~"))
+          and not source.endswith(DATA_EXTENSIONS) and not source.startswith("data/"))
+
+
+def record_files(source: str) -> list[str]:
+  """The data files of a local `source`: a file, a directory or a glob (relative paths: `resolve_data_path`).
+
+  A directory contributes its *.jsonl and *.parquet files, sorted, but not *.json: the JSON files that jobs
+  write beside their rows (manifest.json, summary.json, <name>.shards.json) are not rows. Name JSON row files
+  directly or with a glob (dir/*.json).
+  """
+  if any(c in source for c in "*?["):
+    files = sorted(f for f in glob.glob(os.path.expanduser(source)) if f.endswith(DATA_EXTENSIONS))
     if not files:
-      raise FileNotFoundError(f"{path}: directory has no .jsonl/.json/.parquet files.")
+      raise FileNotFoundError(f"data glob {source!r} matches no {'/'.join(DATA_EXTENSIONS)} files; check the path.")
     return files
-  return [path]
+  path = resolve_data_path(source)
+  if path.is_dir():
+    files = sorted(str(f) for f in path.iterdir() if f.suffix in (".jsonl", ".parquet"))
+    if not files:
+      raise FileNotFoundError(f"data directory {str(path)!r} holds no .jsonl/.parquet files (a directory's *.json "
+                              "files are not read as rows: name them directly or with a glob, dir/*.json).")
+    return files
+  return [str(path)]
 
 
-def read_records(path_or_id: str, *, split: str = "train", required: Sequence[str] = (),
-                 on_error: str = "skip", stats: ReadStats | None = None) -> list[dict]:
-  """Reads JSONL / JSON-list / parquet files (a file or a directory of them) or a hub dataset id.
+def iter_records(source: str, *, split: str = "train", on_error: str = "raise",
+                 stats: ReadStats | None = None) -> Iterator[tuple[str, Any]]:
+  """Yields `(where, row)` from a JSONL / JSON / parquet file, a directory or glob of them, or a hub dataset id.
 
-  Rows that are not JSON objects or lack a `required` field raise `RecordError` naming file and row
-  when `on_error="raise"`, and are counted in `stats.skipped` when `on_error="skip"`.
+  `where` names the row for error messages: "file:N" for line N (1-based) of a JSONL file, "file[i]" for the
+  i-th (0-based) row of a parquet file or JSON list, "id[split][i]" for a hub row. A .json file holds a JSON
+  list of rows or JSON lines. A line that is not JSON raises `RecordError` (on_error="raise") or is counted
+  in `stats.skipped["invalid_json"]` (on_error="skip"). Rows are not checked here (see `read_records`).
   """
   if on_error not in ("skip", "raise"):
     raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'.")
   stats = stats if stats is not None else ReadStats()
-  if not os.path.exists(path_or_id):
-    if path_or_id.endswith((".jsonl", ".json", ".parquet")) or os.sep in path_or_id.strip("/").split("/", 1)[-1]:
-      raise FileNotFoundError(f"{path_or_id}: no such file or directory.")
+  if _is_hub_id(source) and not os.path.exists(source):
     try:
       import datasets
-      rows = [dict(r) for r in datasets.load_dataset(path_or_id, split=split)]
-    except Exception as e:
-      raise OSError(f"{path_or_id!r} is not a local path and could not be loaded from the hub "
-                    f"({type(e).__name__}: {e}); offline, pass a local JSONL/parquet path.") from e
-    return _validate(rows, path_or_id, required, on_error, stats)
-  out = []
-  for file in _files(path_or_id):
+      ds = datasets.load_dataset(source, split=split)
+    except Exception as e:  # offline, unknown id, missing split
+      raise OSError(f"data source {source!r} is not a local path and `datasets.load_dataset({source!r}, "
+                    f"split={split!r})` failed ({type(e).__name__}: {e}); offline, pass a local JSONL/parquet file "
+                    "or directory instead.") from e
+    for i, row in enumerate(ds):
+      yield f"{source}[{split}][{i}]", dict(row)
+    return
+  for file in record_files(source):
     if file.endswith(".parquet"):
       import pyarrow.parquet as pq
-      out.extend(_validate(pq.read_table(file).to_pylist(), file, required, on_error, stats))
-    elif file.endswith(".json"):
-      with open(file) as f:
-        data = json.load(f)
-      if not isinstance(data, list):
-        raise RecordError(f"{file}: expected a JSON list of records, got {type(data).__name__}.")
-      out.extend(_validate(data, file, required, on_error, stats))
-    else:
-      rows = []
-      with open(file) as f:
-        for i, line in enumerate(f, start=1):
-          if not line.strip():
-            continue
-          try:
-            rows.append((i, json.loads(line)))
-          except json.JSONDecodeError as e:
-            if on_error == "raise":
-              raise RecordError(f"{file}: row {i} is not valid JSON ({e.msg} at column {e.colno}).") from None
-            stats.skip("invalid_json")
-      out.extend(_validate(rows, file, required, on_error, stats, numbered=True))
-  return out
+      for i, row in enumerate(pq.read_table(file).to_pylist()):
+        yield f"{file}[{i}]", row
+      continue
+    with open(file, encoding="utf-8") as f:
+      text = f.read()
+    if file.endswith(".json") and text.lstrip().startswith("["):
+      try:
+        rows = json.loads(text)
+      except json.JSONDecodeError as e:
+        raise RecordError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}); fix or restore the file.") from None
+      for i, row in enumerate(rows):
+        yield f"{file}[{i}]", row
+      continue
+    for line_no, line in enumerate(text.splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        if on_error == "raise":
+          raise RecordError(f"{file}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); every line of a "
+                            "JSONL file must be one JSON object: fix or remove that line.") from None
+        stats.skip("invalid_json")
+        continue
+      yield f"{file}:{line_no}", row
 
 
-def _validate(rows, source, required, on_error, stats, numbered=False) -> list[dict]:
+def read_records(path_or_id: str, *, split: str = "train", required: Sequence[str] = (),
+                 on_error: str = "skip", stats: ReadStats | None = None) -> list[dict]:
+  """`iter_records` as a list of dict rows, each holding every `required` field (non-empty strings).
+
+  A row that is not a JSON object, lacks a `required` field or has it empty raises `RecordError` naming file
+  and row when `on_error="raise"`, and is counted in `stats.skipped` when `on_error="skip"`.
+  """
+  stats = stats if stats is not None else ReadStats()
   out = []
-  for j, row in enumerate(rows, start=1):
-    i, row = row if numbered else (j, row)
+  for where, row in iter_records(path_or_id, split=split, on_error=on_error, stats=stats):
     if not isinstance(row, dict):
       reason, msg = "not_an_object", f"is a {type(row).__name__}, not a JSON object"
     else:
@@ -104,29 +186,71 @@ def _validate(rows, source, required, on_error, stats, numbered=False) -> list[d
         out.append(row)
         continue
     if on_error == "raise":
-      raise RecordError(f"{source}: row {i} {msg}; fix the row or set on_error='skip' to count and skip it.")
+      raise RecordError(f"{where}: the row {msg}; fix the row or set on_error='skip' to count and skip it.")
     stats.skip(reason)
   return out
 
 
+# ------------------------------------------------------------------------------------------------ writing
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling of `path` to write (a file, or a folder with directory=True); on a clean exit
+  it replaces `path` in one rename, on an error it is removed.
+
+  Readers never see a half-written `path`, and a killed writer leaves only a hidden `.<name>.tmp-*` sibling.
+  A folder that already exists is moved aside first (a rename cannot replace a non-empty folder), so `path`
+  is never a mix of old and new files. Temporary files and folders get the permissions a plain open() or
+  makedirs() would give, not mkstemp's 0600.
+  """
+  path = os.path.abspath(os.fspath(path))
+  parent, name = os.path.split(path)
+  os.makedirs(parent, exist_ok=True)
+  umask = os.umask(0)
+  os.umask(umask)
+  if directory:
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~umask)
+  else:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask)
+  try:
+    yield tmp
+    if directory:
+      if os.path.lexists(path):
+        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        os.rename(path, os.path.join(old, name))
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+      with open(tmp, "rb+") as f:  # durable before the rename: a crash cannot leave an empty `path`
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if directory:
+      shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> str:
+  with atomic_path(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  return os.fspath(path)
+
+
 def write_jsonl_atomic(path: str, records: Iterable[dict]) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    for r in records:
-      f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  with atomic_path(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      for r in records:
+        f.write(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n")
 
 
 def write_json_atomic(path: str, obj: Any) -> str:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, ensure_ascii=False, default=_json_default)
-  os.replace(tmp, path)
-  return path
+  return write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default))
 
 
 def _json_default(o):

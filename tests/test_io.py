@@ -1,7 +1,8 @@
-"""Record reading (bad rows named or counted), atomic sharded outputs and resume."""
+"""Record reading (bad rows named or counted), data path resolution, atomic writes, sharded outputs and resume."""
 
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -22,10 +23,10 @@ def test_bad_rows_are_named_or_counted(tmp_path):
   assert [r["problem"] for r in rows] == ["1+1?", "2+2?"]
   assert stats.rows == 2
   assert stats.skipped == {"invalid_json": 1, "missing_problem": 1, "empty_problem": 1, "not_an_object": 1}
-  with pytest.raises(io.RecordError, match=r"problems\.jsonl: row 2 is not valid JSON"):
+  with pytest.raises(io.RecordError, match=r"problems\.jsonl:2: not valid JSON"):
     io.read_records(path, required=["problem"], on_error="raise")
   _write(path, ['{"problem": "1+1?"}', '{"question": "x"}'])
-  with pytest.raises(io.RecordError, match=r"problems\.jsonl: row 2 has no field 'problem'"):
+  with pytest.raises(io.RecordError, match=r"problems\.jsonl:2: the row has no field 'problem'"):
     io.read_records(path, required=["problem"], on_error="raise")
 
 
@@ -33,12 +34,72 @@ def test_parquet_json_and_directory_inputs(tmp_path):
   import pyarrow as pa
   import pyarrow.parquet as pq
   pq.write_table(pa.Table.from_pylist([{"problem": "a"}, {"problem": "b"}]), str(tmp_path / "a.parquet"))
-  with open(tmp_path / "b.json", "w") as f:
-    json.dump([{"problem": "c"}], f)
-  rows = io.read_records(str(tmp_path), required=["problem"])
-  assert sorted(r["problem"] for r in rows) == ["a", "b", "c"]
+  _write(tmp_path / "b.jsonl", ['{"problem": "c"}'])
+  # A directory's .json files are what jobs write beside rows (manifests, summaries): never read as rows.
+  with open(tmp_path / "manifest.json", "w") as f:
+    json.dump({"rows": 3}, f)
+  rows = io.read_records(str(tmp_path), required=["problem"], on_error="raise")
+  assert [r["problem"] for r in rows] == ["a", "b", "c"]
+  # A .json file named directly (or by a glob) is a JSON list of rows, or JSON lines.
+  with open(tmp_path / "list.json", "w") as f:
+    json.dump([{"problem": "d"}, {"problem": "e"}], f)
+  _write(tmp_path / "lines.json", ['{"problem": "f"}'])
+  where = [w for w, _ in io.iter_records(str(tmp_path / "*.json"))]
+  assert where == [f"{tmp_path / 'lines.json'}:1", f"{tmp_path / 'list.json'}[0]", f"{tmp_path / 'list.json'}[1]",
+                   f"{tmp_path / 'manifest.json'}:1"]
+  assert [w for w, _ in io.iter_records(str(tmp_path / "a.parquet"))][1] == f"{tmp_path / 'a.parquet'}[1]"
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
     io.read_records(str(tmp_path / "nope.jsonl"))
+  only_json = tmp_path / "only_json"
+  only_json.mkdir()
+  (only_json / "x.json").write_text("[]")
+  with pytest.raises(FileNotFoundError, match=r"holds no \.jsonl/\.parquet files .*dir/\*\.json"):
+    io.read_records(str(only_json))
+
+
+def test_data_paths_resolve_to_the_packaged_copy_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert io.resolve_data_path("data/processbench") == io.DATA_DIR / "processbench"
+  rows = io.read_records("data/skywork_math_8k/problems_256.jsonl", on_error="raise")
+  assert len(rows) == 256 and rows[0]["id"] == "skywork8k-8756"
+  with pytest.raises(FileNotFoundError, match=r"data/nope.*looked at .*nope.*packaged data sets are \[.*'processbench'"):
+    io.resolve_data_path("data/nope")
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    io.resolve_data_path(str(tmp_path / "absent.jsonl"))
+  # A relative path that exists from the working directory wins over the packaged copy.
+  (tmp_path / "data" / "processbench").mkdir(parents=True)
+  assert io.resolve_data_path("data/processbench") == pathlib.Path("data/processbench")
+
+
+def test_atomic_path_replaces_in_one_rename_and_cleans_up(tmp_path):
+  target = tmp_path / "out" / "x.json"
+  io.write_json_atomic(str(target), {"a": 1})
+  assert json.loads(target.read_text()) == {"a": 1}
+  assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+  with pytest.raises(RuntimeError):
+    with io.atomic_path(target) as tmp:
+      with open(tmp, "w") as f:
+        f.write("half")
+      raise RuntimeError("killed")
+  assert json.loads(target.read_text()) == {"a": 1} and os.listdir(target.parent) == ["x.json"]
+  folder = tmp_path / "ckpt"
+  for version in ("old", "new"):
+    with io.atomic_path(folder, directory=True) as tmp:
+      (pathlib.Path(tmp) / f"{version}.txt").write_text(version)
+  assert os.listdir(folder) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["ckpt", "out"]
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+  monkeypatch.setenv(io.CACHE_ENV, str(tmp_path))
+  assert io.cache_dir("tokenizers", "qwen2.5") == str(tmp_path / "tokenizers" / "qwen2.5")
+  monkeypatch.delenv(io.CACHE_ENV)
+  assert io.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "spark_jax")
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def test_sharded_output_resumes_without_duplicates(tmp_path):

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from spark_jax.evals import REPO_ROOT
+from spark_jax.io import DATA_DIR
 from spark_jax.evals import math_benchmarks as mb
 
 
 @pytest.mark.parametrize("name", mb.ALL_BENCHMARKS)
 def test_checksums(name):
-  folder = REPO_ROOT / "data" / name
+  folder = DATA_DIR / name
   listed = {}
   for line in (folder / "SHA256SUMS").read_text().splitlines():
     digest, fname = line.split(maxsplit=1)

@@ -8,10 +8,10 @@ import pathlib
 
 import pytest
 
-from spark_jax.evals import REPO_ROOT
+from spark_jax.io import DATA_DIR
 from spark_jax.evals import processbench as pb
 
-DATA = REPO_ROOT / "data" / "processbench"
+DATA = DATA_DIR / "processbench"
 
 
 def _check_sha256sums(folder: pathlib.Path) -> None:

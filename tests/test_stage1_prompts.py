@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
 import re
 
 import pytest
@@ -12,8 +11,9 @@ import pytest
 from spark_jax.text import verdicts as parsing
 from spark_jax.stage1 import prompts
 from spark_jax.text import rm
+from spark_jax.io import DATA_DIR
 
-SLICE_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "skywork_math_8k"
+SLICE_DIR = DATA_DIR / "skywork_math_8k"
 PROBLEM = r"Find $x$ if $\frac{x}{2} = {3}$."
 SOLUTION = "Step 1: Multiply both sides by 2: x = 6.\nAnswer: 6"
 

@@ -12,27 +12,12 @@ Modules:
 Nothing here imports JAX: grading workers are separate processes, and keeping this package light keeps
 their start-up fast.
 
-The data files live in the repository's `data/` folder (copied from shared/data with provenance and
-SHA256SUMS), so a fresh clone evaluates without anything outside the repository.
+The data files ship inside the package (spark_jax/data/<set>/, each with its README.md of provenance and
+SHA256SUMS); `spark_jax.io.resolve_data_path` is the one rule that turns a configured path such as
+`data/processbench` into a file, in a checkout and in an installed wheel alike.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-
-# The directory that contains the `spark_jax` package: data paths default to `<REPO_ROOT>/data/...`
-# so that loaders work from any working directory.
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def resolve_data_path(path: str | os.PathLike[str]) -> pathlib.Path:
-  """Resolves a data path: absolute as is; relative against the cwd if it exists there, else the repo root.
-
-  Why both: scripts run from the repository root (or pass their own folder) should just work, and the
-  default `data/...` paths must also work when Python runs from elsewhere (tests, notebooks, jobs).
-  """
-  p = pathlib.Path(path).expanduser()
-  if p.is_absolute() or p.exists():
-    return p
-  return REPO_ROOT / p
+# The loaders here name the resolver through this package; it lives in spark_jax.io (one implementation).
+from spark_jax.io import DATA_DIR, resolve_data_path  # noqa: F401

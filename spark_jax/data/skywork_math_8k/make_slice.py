@@ -1,11 +1,11 @@
-"""Writes problems_256.jsonl: the first 256 rows of the Skywork-OR1 8K problem pool, flattened.
+"""Writes problems_<rows>.jsonl: the first N rows of the Skywork-OR1 8K problem pool, flattened (8000 = all).
 
-Why a slice in the repository: Stage I tests and smoke runs need real math problems with ground truth,
-and the 8K parquet lives outside the repository (/work/shared/data). The slice is deterministic (the
-first N rows in file order, no shuffling), so re-running this script reproduces the file byte for byte.
+Why flattened copies in the package: Stage I needs real math problems with ground truth, and the 8K parquet
+lives outside the repository. The output is deterministic (the first N rows in file order, no shuffling), so
+re-running this script reproduces problems_8k.jsonl and problems_256.jsonl byte for byte.
 
 Usage:
-  python data/skywork_math_8k/make_slice.py \
+  python spark_jax/data/skywork_math_8k/make_slice.py \
       [--source /work/shared/data/skywork_math_8k/train_8k.parquet] [--rows 256] [--out <dir>/problems_256.jsonl]
 
 Row fields:
