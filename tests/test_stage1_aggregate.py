@@ -43,11 +43,18 @@ def test_step_majority_tie_policies(tie, expected):
 
 
 def test_step_majority_different_lengths_votes_only_where_present():
-  # Step 3 is voted on by the two long vectors only (F, F); step 4 by one vector (T).
+  # Step 3 is reached by 2 of 3 vectors (F, F): a majority; step 4 by 1 of 3 (T): below the default quorum.
   lists = [[T, T], [T, T, F], [T, F, F, T]]
-  assert step_majority(lists) == [T, T, F, T]
-  assert step_majority(lists, min_votes=2) == [T, T, F]
-  assert step_majority(lists, min_votes=3) == [T, T]
+  assert step_majority(lists) == [T, T, F]
+  assert step_majority(lists, quorum=0.0) == [T, T, F, T]  # the literal D4 rule: any vector votes
+  assert step_majority(lists, quorum=2 / 3) == [T, T]
+
+
+def test_step_majority_quorum_counts_only_vectors_with_a_parse():
+  # 2 of the 4 verifications parsed no step: the quorum is over the 2 that did, both reach step 2.
+  assert step_majority([[T, F], [T, F], [], []]) == [T, F]
+  # Exactly half is not more than half.
+  assert step_majority([[T, F], [T]]) == [T]
 
 
 def test_step_majority_empty_inputs():
@@ -87,8 +94,12 @@ def test_config_validation_names_the_bad_knob():
     AggregationConfig(step_tie="sometimes")
   with pytest.raises(ValueError, match="outcome_tie='no'"):
     AggregationConfig(outcome_tie="no")
-  with pytest.raises(ValueError, match="min_step_votes=0"):
-    AggregationConfig(min_step_votes=0)
+  with pytest.raises(ValueError, match="step_quorum=1"):
+    AggregationConfig(step_quorum=1)
+  with pytest.raises(ValueError, match="step_quorum=-0.1"):
+    AggregationConfig(step_quorum=-0.1)
+  with pytest.raises(ValueError, match="contradictions='maybe'"):
+    AggregationConfig(contradictions="maybe")
 
 
 # -------------------------------------------------------------------------------------------------- targets
@@ -179,12 +190,32 @@ def test_outcome_tie_policies_in_records():
   assert dropped["single"].kept
 
 
-def test_different_step_counts_and_min_votes():
+def test_different_step_counts_and_quorum():
   texts = [verification([T, T, T], True), verification([T, T, T], True), verification([T, T, T, F], False)]
   default = by_variant(build_variant_records(texts))["step_consistency"]
-  assert default.steps == [T, T, T, F] and default.selected_index == 2
-  strict = by_variant(build_variant_records(texts, config=AggregationConfig(min_step_votes=2)))
-  assert strict["step_consistency"].steps == [T, T, T] and strict["step_consistency"].selected_index == 0
+  assert default.steps == [T, T, T] and default.selected_index == 0
+  literal = by_variant(build_variant_records(texts, config=AggregationConfig(step_quorum=0.0)))
+  assert literal["step_consistency"].steps == [T, T, T, F] and literal["step_consistency"].selected_index == 2
+
+
+def test_one_outlier_does_not_set_the_labels():
+  # 15 verifications: 5 steps, all correct, Yes; 1 outlier: 6 steps, step 6 incorrect, No.
+  texts = [verification([T] * 5, True)] * 15 + [verification([T] * 5 + [F], False)]
+  step = by_variant(build_variant_records(texts))["step_consistency"]
+  assert step.kept and step.steps == [T] * 5 and step.final is True and step.selected_index == 0
+  assert step.targets["prm"].endswith("Step 5: Correct\n**Verification: Is the answer correct (Yes/No)? Yes**")
+  assert parsing.parse_verification(step.targets["prm_cot"]) == {"steps": [T] * 5, "final": True}
+  # The old rule (any one verification votes) let the outlier set step 6 and then selected the outlier.
+  literal = by_variant(build_variant_records(texts, config=AggregationConfig(step_quorum=0.0)))["step_consistency"]
+  assert literal.steps == [T] * 5 + [F] and literal.selected_index == 15
+
+
+def test_outlier_that_differs_earlier_does_not_drop_the_consensus():
+  texts = [verification([T] * 5, True)] * 15 + [verification([T, T, F, T, T, F], False)]
+  step = by_variant(build_variant_records(texts))["step_consistency"]
+  assert step.kept and step.steps == [T] * 5 and step.selected_index == 0
+  literal = by_variant(build_variant_records(texts, config=AggregationConfig(step_quorum=0.0)))["step_consistency"]
+  assert not literal.kept and literal.drop_reason == "no_match"
 
 
 def test_drop_reasons_for_missing_or_unparseable_inputs():
@@ -227,6 +258,41 @@ def test_meta_critique_outcome_mirrors_outcome_drop():
   assert selection == {"meta_critique": 0, "meta_critique_outcome": None}
 
 
+def test_contradictions_are_listed_per_format_and_dropped_on_request():
+  # v* = [T, T] (all correct) but y* = No: the PRM target contradicts itself. The selected text (index 1)
+  # reads [T, T] + Yes, so its prm_cot / think_prm targets do not.
+  texts = [verification([T, F], False), verification([T, T], True), verification([T, T], False),
+           verification([F, T], False)]
+  records = by_variant(build_variant_records(texts))
+  step = records["step_consistency"]
+  assert step.kept and (step.steps, step.final, step.selected_index) == ([T, T], False, 1)
+  assert step.contradictory_formats == ["prm"]
+  outcome = records["outcome_consistency"]  # selects text 0: [T, F] + No, consistent
+  assert outcome.kept and outcome.contradictory_formats == []
+  single_texts = [verification([T, T], False)] + texts[1:]
+  single = by_variant(build_variant_records(single_texts))["single"]
+  assert single.contradictory_formats == ["prm", "prm_cot", "think_prm"]
+  dropped = by_variant(build_variant_records(texts, config=AggregationConfig(contradictions="drop")))
+  assert not dropped["step_consistency"].kept and dropped["step_consistency"].drop_reason == "contradiction"
+  assert dropped["step_consistency"].contradictory_formats == ["prm"] and dropped["step_consistency"].targets == {}
+  assert dropped["outcome_consistency"].kept
+
+
+def test_step_count_check_counts_differing_verifications():
+  texts = [verification([T, T, T], True), verification([T, T], True), verification([T, T, T], True),
+           verification([], True)]
+  records = by_variant(build_variant_records(texts, solution_steps=3, merged=verification([T, T], True),
+                                             reference_verifications=[verification([T], True)]))
+  assert (records["single"].step_count_checked, records["single"].step_count_differing) == (1, 0)
+  for variant in ("outcome_consistency", "step_consistency"):
+    assert (records[variant].step_count_checked, records[variant].step_count_differing) == (3, 1), variant
+  assert (records["meta_critique"].step_count_checked, records["meta_critique"].step_count_differing) == (1, 1)
+  assert records["reference_guided"].step_count_differing == 1
+  assert all(r.solution_steps == 3 for r in records.values())
+  unchecked = build_variant_records(texts, solution_steps=0)
+  assert all(r.step_count_checked == r.step_count_differing == 0 for r in unchecked)
+
+
 def test_variant_record_round_trips_through_dict():
   record = build_variant_records([verification([T], True)], problem_id="p", solution_id="s", is_correct=True)[0]
   assert aggregate.VariantRecord.from_dict(record.to_dict()) == record
@@ -237,25 +303,27 @@ def test_variant_record_round_trips_through_dict():
 # ------------------------------------------------------------------------------------------- quality table
 
 
-def _record(variant, is_correct, final, steps, kept=True, reason=None):
+def _record(variant, is_correct, final, steps, kept=True, reason=None, contradictory=()):
   return aggregate.VariantRecord(variant=variant, kept=kept, is_correct=is_correct, final=final, steps=steps,
-                                 drop_reason=reason)
+                                 drop_reason=reason, contradictory_formats=list(contradictory))
 
 
 def test_data_quality_table_hand_computed():
   records = [
       _record("step_consistency", True, True, [T, T]),    # final hit, step-derived hit
       _record("step_consistency", True, False, [T, F]),   # final miss, step-derived miss
-      _record("step_consistency", False, False, [T, T]),  # final hit, step-derived miss (all steps correct)
+      _record("step_consistency", False, False, [T, T], contradictory=["prm", "prm_cot"]),  # final hit, step miss
       _record("step_consistency", False, False, [F]),     # final hit, step-derived hit
       _record("step_consistency", None, None, [], kept=False, reason="no_match"),
+      _record("step_consistency", None, None, [], kept=False, reason="contradiction", contradictory=["prm"]),
       _record("single", True, True, [T]),
       _record("single", False, None, [], kept=False, reason="parse_failure"),
   ]
   table = aggregate.data_quality_table(records)
   assert list(table) == ["single", "step_consistency"]
   step = table["step_consistency"]
-  assert (step["kept"], step["dropped"], step["drop_reasons"]) == (4, 1, {"no_match": 1})
+  assert (step["kept"], step["dropped"], step["drop_reasons"]) == (4, 2, {"contradiction": 1, "no_match": 1})
+  assert step["contradictions"] == {"prm": 2, "prm_cot": 1, "think_prm": 0}
   assert step["final"]["all"] == {"n": 4, "hits": 3, "accuracy": 0.75}
   assert step["final"]["correct_solutions"] == {"n": 2, "hits": 1, "accuracy": 0.5}
   assert step["final"]["incorrect_solutions"] == {"n": 2, "hits": 2, "accuracy": 1.0}
@@ -266,8 +334,8 @@ def test_data_quality_table_hand_computed():
   markdown = aggregate.render_quality_markdown(table)
   lines = markdown.strip().splitlines()
   assert len(lines) == 4 and lines[0].startswith("| variant | kept | dropped |")
-  assert lines[3] == ("| step_consistency | 4 | 1 | 0.750 (3/4) | 0.500 (1/2) | 1.000 (2/2) | 0.500 (2/4) "
-                      "| 0.500 (1/2) | 0.500 (1/2) |")
+  assert lines[3] == ("| step_consistency | 4 | 2 | 0.750 (3/4) | 0.500 (1/2) | 1.000 (2/2) | 0.500 (2/4) "
+                      "| 0.500 (1/2) | 0.500 (1/2) | 2/1/0 |")
   assert "| single | 1 | 1 | 1.000 (1/1) | 1.000 (1/1) | – |" in markdown
   # Dict input (as read back from JSONL) gives the same table.
   assert aggregate.data_quality_table([r.to_dict() for r in records]) == table

@@ -96,9 +96,25 @@ VERIFICATION_CORPUS = [
     ("final_without_verification_prefix", _blocks([True]) + "\n\nIs the answer correct? Yes", [True], True),
     ("final_boxed", _blocks([True]) + "\n\nVerification: Is the answer correct (Yes/No)? \\boxed{Yes}", [True], True),
     ("final_bare_question_at_end", _blocks([False]) + "\n\nSo, did the student get it right? No", [False], False),
-    ("final_last_verification_line_wins",
+    ("final_first_verification_line_wins",
      _blocks([True]) + "\n\nVerification: Is the answer correct (Yes/No)? Yes\n\nHmm, the units are missing.\n\n"
+     + NO, [True], True),
+    ("final_first_match_of_a_lower_tier",
+     _blocks([True]) + "\n\nIs the answer correct? No. The student's answer is correct? Yes", [True], False),
+    ("negated_plain_marker_gives_no_verdict",
+     "## Step 1: a\nI don't think this step is correct, the sign flips.\n\n## Step 2: b\nfine\n" + C + "\n\n" + NO,
+     [], False),
+    ("negated_plain_marker_words",
+     "## Step 1: a\nfine\nThis step is correct.\n\n## Step 2: b\nIt is not clear that this step is correct.\n\n"
      + NO, [True], False),
+    ("negation_in_another_sentence_does_not_count",
+     "## Step 1: a\nThe student did not simplify. Still, this step is correct.\n\n" + YES, [True], True),
+    ("mixed_markdown_and_bold_headers",
+     "## Step 1: a\nfine\n" + C + "\n\n**Step 2:** b\nwrong\n" + I + "\n\n### **Step 3: c**\nwrong\n" + I
+     + "\n\n" + NO, [True, False, False], False),
+    ("bold_step_quoted_inside_prose_is_not_a_header",
+     "## Step 1: a\nThe student then writes **Step 2:** x = 5, which is right.\n" + C + "\n\n## Step 2: b\nok\n"
+     + I + "\n\n" + NO, [True, False], False),
     ("final_not_is_not_no", _blocks([True]) + "\n\nIs the answer correct (Yes/No)? Not quite, the units differ.",
      [True], None),
     ("crlf_line_endings", (_blocks([True, False]) + "\n\n" + NO).replace("\n", "\r\n"), [True, False], False),
@@ -153,7 +169,28 @@ def test_split_thinking_returns_trace_and_visible_text():
   assert parsing.split_thinking("trace only closed</think>answer") == ("trace only closed", "answer")
   assert parsing.split_thinking("no tags at all\n") == (None, "no tags at all")
   assert parsing.split_thinking("<think>never closed") == (None, "")
-  assert parsing.split_thinking("<think>a</think>x<think>b</think>y") == ("a", "xy")
+
+
+def test_think_rule_repeated_tags_keep_everything_after_the_first_close():
+  assert parsing.split_thinking("<think>a</think>x<think>b</think>y") == ("a", "x<think>b</think>y")
+  assert parsing.split_thinking("<think>a</think>x</think>y") == ("a", "x</think>y")
+  assert parsing.split_thinking("pre <think>a<think>b</think> y") == ("a<think>b", "y")
+
+
+def test_think_rule_unclosed_and_untagged():
+  # Unclosed: resume at the first "\n\n## Step 1:" or give no text at all.
+  assert parsing.split_thinking("<think>a\n\n## Step 1: x\nok") == (None, "## Step 1: x\nok")
+  assert parsing.split_thinking("<think>a\n## Step 1: x\nok") == (None, "")
+  # Never opened: a plain answer, a generator solution or a PRM output without thinking is all visible,
+  # even without a "## Step 1:" header.
+  assert parsing.split_thinking("Step 1: 2+2=4\nAnswer: 4") == (None, "Step 1: 2+2=4\nAnswer: 4")
+
+
+def test_count_solution_steps():
+  assert parsing.count_solution_steps("Step 1: a\nStep 2: b\n**Step 3:** c\n### Step 4 d\nAnswer: 1") == 4
+  assert parsing.count_solution_steps("Step 1: a\nStep 3: c") == 1  # a gap ends the run
+  assert parsing.count_solution_steps("First, x = 2. In Step 2: we add.\nAnswer: 2") == 0
+  assert parsing.count_solution_steps("") == 0
 
 
 def test_strip_thinking_unclosed_cuts_at_first_step_1_header():

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from spark_jax.evals import resolve_data_path
 from spark_jax.text.answers import last_boxed
-from spark_jax.text.verdicts import strip_thinking as strip_think
+from spark_jax.text.verdicts import strip_thinking
 
 SPLITS = ("gsm8k", "math", "olympiadbench", "omnimath")
 SPLIT_SIZES = {"gsm8k": 400, "math": 1000, "olympiadbench": 1000, "omnimath": 1000}
@@ -215,14 +215,14 @@ _INDEX_RE = re.compile(r"^(?:paragraph[_\s]*)?(-?\d+)\.?$", re.IGNORECASE)
 def parse_critic_output(text: str | None, num_steps: int | None = None) -> int | None:
   """Reads the predicted index from the last `\\boxed{}` of a critic's output; None if unusable.
 
-  The reasoning before `</think>` is dropped first. The box may hold `3`, `-1`, `$3$`, `\\text{3}` or
+  The reasoning trace is dropped first (`spark_jax.text.verdicts.split_thinking`, the one think rule). The box may hold `3`, `-1`, `$3$`, `\\text{3}` or
   `paragraph_3`. With `num_steps`, an index outside -1..num_steps-1 is also None (the official script
   would score it as an ordinary miss; either way it is wrong, and None makes it visible in the parse-
   failure rate).
   """
   if not text:
     return None
-  boxed = last_boxed(strip_think(text))
+  boxed = last_boxed(strip_thinking(text))
   if boxed is None:
     return None
   s = boxed.replace("$", "").replace(" ", "")

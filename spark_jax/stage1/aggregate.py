@@ -16,10 +16,14 @@ Data variants (`VARIANTS`):
   reference_guided       step_consistency applied to the reference-guided verifications (D7).
 
 Decisions (each is a knob of `AggregationConfig` where a choice is possible):
-  * Step majority (D4): for step index i, votes come from the verifications whose parsed step vector has
-    an entry i (parsed vectors are contiguous from step 1, see parsing decision 5). `min_step_votes`
-    (default 1, faithful to D4) ends the majority vector at the first index with fewer votes; set it to
-    N // 2 + 1 to stop a single over-long verification from adding steps the others never saw.
+  * Step majority (D4) with a quorum: for step index i, votes come from the verifications whose parsed step
+    vector has an entry i (parsed vectors are contiguous from step 1, see decision 5 in
+    `spark_jax.text.verdicts`). Index i is voted only when MORE than `step_quorum` (default 0.5: a
+    majority) of the verifications with at least one step verdict reach it; the majority vector ends at the
+    first index that misses the quorum. Without it, one over-long verification among 16 sets the labels of
+    the steps only it saw, and then the exact-vector match of D5 selects that outlier (or drops a 15-of-16
+    consensus as no_match when the outlier also differs earlier). `step_quorum=0` restores the literal D4
+    rule (a step is voted when any verification reaches it).
   * Ties: `step_tie` "incorrect" (default) | "correct" | "drop"; `outcome_tie` "No" (default) | "Yes" |
     "drop". "drop" makes the majority function return None and the solution is dropped from the variant
     (reason "step_tie" / "outcome_tie").
@@ -30,6 +34,16 @@ Decisions (each is a knob of `AggregationConfig` where a choice is possible):
   * No match => the solution is dropped from the variant for ALL formats (reason "no_match"), so that the
     ORM, PRM and PRM-CoT sets of one variant hold the same solutions and a format comparison is not
     confounded by a different solution pool.
+  * Contradictory targets: labels whose steps are all correct but whose final verdict is No, or with an
+    incorrect step but a final Yes. Checked per format on what the format teaches: prm on (v*, y*), prm_cot
+    and think_prm on the parsed target text; an ORM target has no steps and never contradicts. Every kept
+    record lists its contradictory formats (`contradictory_formats`), and the job counts them per variant
+    and format in the manifest and the data-quality table. `contradictions` "keep" (default, faithful to
+    the authors) keeps them; "drop" drops the record from the variant for all formats (reason
+    "contradiction"), like no_match, so that the formats of one variant keep the same solutions.
+  * Step-count check: with the solution's own step count (`solution_steps`, see
+    `spark_jax.text.verdicts.count_solution_steps`), each record counts the variant's source verifications
+    (with at least one step verdict) whose number of step verdicts differs from it.
   * The PRM (no CoT) final line uses y*, the outcome majority, not the verdict derived from v*: D5 writes
     the PRM target from the aggregated labels "plus the final verdict line", and the aggregated final
     label is y*. For single / meta-critique variants, y* is simply that verification's own final verdict.
@@ -58,6 +72,9 @@ VARIANTS = (
 )
 STEP_TIE_POLICIES = ("incorrect", "correct", "drop")
 OUTCOME_TIE_POLICIES = ("No", "Yes", "drop")
+CONTRADICTION_POLICIES = ("keep", "drop")
+# Formats whose target carries step labels and a final verdict, so that it can contradict itself.
+CONTRADICTION_FORMATS = ("prm", "prm_cot", "think_prm")
 
 # Drop-reason codes (stable strings, counted in the data-quality table).
 DROP_NO_VERIFICATIONS = "no_verifications"
@@ -67,15 +84,17 @@ DROP_NO_STEP_VERDICTS = "no_step_verdicts"
 DROP_OUTCOME_TIE = "outcome_tie"
 DROP_STEP_TIE = "step_tie"
 DROP_NO_MATCH = "no_match"
+DROP_CONTRADICTION = "contradiction"
 
 
 @dataclasses.dataclass(frozen=True)
 class AggregationConfig:
-  """Knobs of the Stage I aggregation; defaults are SPEC decisions D4/D5."""
+  """Knobs of the Stage I aggregation (module docstring; defaults live in configs/stage1.py)."""
   step_tie: str = "incorrect"
   outcome_tie: str = "No"
-  min_step_votes: int = 1
+  step_quorum: float = 0.5
   step_match_final: bool = False
+  contradictions: str = "keep"
 
   def __post_init__(self):
     if self.step_tie not in STEP_TIE_POLICIES:
@@ -83,8 +102,12 @@ class AggregationConfig:
     if self.outcome_tie not in OUTCOME_TIE_POLICIES:
       raise ValueError(
           f"AggregationConfig.outcome_tie={self.outcome_tie!r}; use one of {OUTCOME_TIE_POLICIES}.")
-    if self.min_step_votes < 1:
-      raise ValueError(f"AggregationConfig.min_step_votes={self.min_step_votes}; it must be >= 1.")
+    if not 0 <= self.step_quorum < 1:
+      raise ValueError(f"AggregationConfig.step_quorum={self.step_quorum!r}; use a fraction in [0, 1): 0.5 = a "
+                       "majority of the parsed verifications must reach a step, 0 = any one.")
+    if self.contradictions not in CONTRADICTION_POLICIES:
+      raise ValueError(f"AggregationConfig.contradictions={self.contradictions!r}; use one of "
+                       f"{CONTRADICTION_POLICIES}.")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -93,25 +116,27 @@ class AggregationConfig:
 
 
 def step_majority(verdict_lists: Sequence[Sequence[bool]], tie: str = "incorrect",
-                  min_votes: int = 1) -> list[bool] | None:
-  """Per-step majority vector v* (D4).
+                  quorum: float = 0.5) -> list[bool] | None:
+  """Per-step majority vector v* (D4) under the step quorum (module docstring).
 
   Args:
     verdict_lists: one parsed step vector per verification (steps[i] True = step i+1 correct); vectors may
       differ in length, and step i gets votes only from the vectors that reach it.
     tie: what an equal vote gives: "incorrect" -> False, "correct" -> True, "drop" -> the whole result is
       None so that the caller drops the solution.
-    min_votes: the vector ends at the first step index with fewer votes than this.
+    quorum: step i is voted only when more than `quorum` x (number of non-empty vectors) reach it; the
+      vector ends at the first index that misses it. 0 = any vector suffices.
 
   Returns:
     The majority vector ([] when no verification has any step verdict), or None on a tie under "drop".
   """
   if tie not in STEP_TIE_POLICIES:
     raise ValueError(f"step tie policy {tie!r}; use one of {STEP_TIE_POLICIES}.")
+  parsed = sum(1 for v in verdict_lists if v)
   majority: list[bool] = []
   for index in range(max((len(v) for v in verdict_lists), default=0)):
     votes = [v[index] for v in verdict_lists if len(v) > index]
-    if len(votes) < min_votes:
+    if len(votes) <= quorum * parsed:
       break
     n_correct = sum(votes)
     n_incorrect = len(votes) - n_correct
@@ -122,6 +147,11 @@ def step_majority(verdict_lists: Sequence[Sequence[bool]], tie: str = "incorrect
     else:
       majority.append(n_correct > n_incorrect)
   return majority
+
+
+def contradicts(steps: Sequence[bool], final: bool | None) -> bool:
+  """Whether labels contradict themselves: all steps correct but final No, or a step incorrect but final Yes."""
+  return bool(steps) and final is not None and all(steps) != final
 
 
 def outcome_majority(finals: Sequence[bool | None], tie: str = "No") -> bool | None:
@@ -219,7 +249,12 @@ class VariantRecord:
   `targets` maps each of RM_FORMATS to its target text (None when that format has no target; the reason is
   in `missing_targets`). `selected_index` is the index, in the source list, of the verification whose text
   (or whose merged version) is the PRM-CoT target. Dropped records keep `kept=False`, a `drop_reason` code
-  and a human-readable `drop_detail`, and have no targets.
+  and a human-readable `drop_detail`, and have no targets. `contradictory_formats` lists the formats whose
+  target contradicts itself (module docstring; set on kept records and on records dropped for it).
+  `solution_steps` is the solution's own step count (None = not given, 0 = no step headers);
+  `step_count_checked` / `step_count_differing` count the variant's source verifications with step
+  verdicts and those among them whose number of step verdicts differs from `solution_steps` (both 0 when
+  `solution_steps` is None or 0).
   """
   variant: str
   kept: bool
@@ -234,6 +269,10 @@ class VariantRecord:
   n_verifications: int = 0
   targets: dict[str, str | None] = dataclasses.field(default_factory=dict)
   missing_targets: dict[str, str] = dataclasses.field(default_factory=dict)
+  contradictory_formats: list[str] = dataclasses.field(default_factory=list)
+  solution_steps: int | None = None
+  step_count_checked: int = 0
+  step_count_differing: int = 0
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -252,7 +291,7 @@ def _dropped(variant: str, reason: str, detail: str, n: int, meta: Mapping[str, 
 
 
 def _kept(variant: str, steps: Sequence[bool], final: bool, text: str, index: int, n: int,
-          meta: Mapping[str, Any], think_allowed: bool = True) -> VariantRecord:
+          meta: Mapping[str, Any], config: AggregationConfig, think_allowed: bool = True) -> VariantRecord:
   targets: dict[str, str | None] = {
       "orm": orm_target(final),
       "prm": prm_target(steps, final),
@@ -264,19 +303,30 @@ def _kept(variant: str, steps: Sequence[bool], final: bool, text: str, index: in
     missing["think_prm"] = ("merged verification: its reasoning trace is about merging a critique"
                             if not think_allowed else "the selected verification has no closed <think> trace")
   assert set(targets) == set(RM_FORMATS)
+  cot = parsing.parse_verification(targets["prm_cot"])
+  contradictory = [fmt for fmt, labels in (("prm", (steps, final)), ("prm_cot", (cot["steps"], cot["final"])),
+                                           ("think_prm", (cot["steps"], cot["final"])))
+                   if targets[fmt] is not None and contradicts(*labels)]
+  if contradictory and config.contradictions == "drop":
+    record = _dropped(variant, DROP_CONTRADICTION, f"the {', '.join(contradictory)} target(s) contradict "
+                      f"themselves (steps {list(steps)}, final {orm_target(final)}) under contradictions='drop'",
+                      n, meta)
+    record.contradictory_formats = contradictory
+    return record
   return VariantRecord(variant=variant, kept=True, steps=list(steps), final=final, selected_index=index,
-                       n_verifications=n, targets=targets, missing_targets=missing, **meta)
+                       n_verifications=n, targets=targets, missing_targets=missing,
+                       contradictory_formats=contradictory, **meta)
 
 
 def _single(variant: str, text: str | None, index: int | None, n: int, meta: Mapping[str, Any],
-            think_allowed: bool) -> VariantRecord:
+            config: AggregationConfig, think_allowed: bool) -> VariantRecord:
   if text is None or index is None:
     return _dropped(variant, DROP_NO_VERIFICATIONS, "no verification to take", n, meta)
   parsed = parsing.parse_verification(text)
   if not is_well_formed(parsed):
     return _dropped(variant, DROP_PARSE_FAILURE,
                     f"verification {index} parsed to steps={parsed['steps']} final={parsed['final']}", n, meta)
-  return _kept(variant, parsed["steps"], parsed["final"], text, index, n, meta, think_allowed)
+  return _kept(variant, parsed["steps"], parsed["final"], text, index, n, meta, config, think_allowed)
 
 
 def _outcome_label(parsed: Sequence[Mapping[str, Any]], config: AggregationConfig
@@ -313,7 +363,7 @@ def _step_consistency(variant: str, texts: Sequence[str], config: AggregationCon
   y_star, drop = _outcome_label(parsed, config)
   if drop is not None:
     return _dropped(variant, *drop, n, meta)
-  v_star = step_majority([p["steps"] for p in parsed], config.step_tie, config.min_step_votes)
+  v_star = step_majority([p["steps"] for p in parsed], config.step_tie, config.step_quorum)
   if v_star is None:
     return _dropped(variant, DROP_STEP_TIE, "a step's verdicts tie under step_tie='drop'", n, meta)
   if not v_star:
@@ -324,11 +374,21 @@ def _step_consistency(variant: str, texts: Sequence[str], config: AggregationCon
     return _dropped(variant, DROP_NO_MATCH, f"no well-formed verification has the majority step vector "
                     f"{v_star}" + (f" and final={orm_target(y_star)}" if config.step_match_final else ""),
                     n, meta)
-  return _kept(variant, v_star, y_star, texts[index], index, n, meta)
+  return _kept(variant, v_star, y_star, texts[index], index, n, meta, config)
+
+
+def _check_step_counts(record: VariantRecord, sources: Sequence[Mapping[str, Any]]) -> VariantRecord:
+  """Fills the step-count check of `record` from the parsed verifications its labels come from."""
+  if record.solution_steps:
+    counts = [len(p["steps"]) for p in sources]
+    record.step_count_checked = sum(1 for c in counts if c)
+    record.step_count_differing = sum(1 for c in counts if c and c != record.solution_steps)
+  return record
 
 
 def build_variant_records(verifications: Sequence[str], *, problem_id: str | None = None,
                           solution_id: str | None = None, is_correct: bool | None = None,
+                          solution_steps: int | None = None,
                           merged: str | None = None, merged_outcome: str | None = None,
                           reference_verifications: Sequence[str] | None = None,
                           config: AggregationConfig = AggregationConfig()) -> list[VariantRecord]:
@@ -338,45 +398,52 @@ def build_variant_records(verifications: Sequence[str], *, problem_id: str | Non
     verifications: the N reference-free verifier outputs, raw (with `<think>` traces), in sampling order.
     problem_id, solution_id: copied into the records (the SFT rows and the quality table use them).
     is_correct: ground-truth correctness of the solution, for diagnostics only (never used for labels).
+    solution_steps: the solution's own step count (`spark_jax.text.verdicts.count_solution_steps`), for the
+      step-count check only; None = not checked.
     merged: merger output for verification 0 (meta_critique); None = variant not computed, omitted.
     merged_outcome: merger output for the outcome_consistency selection (meta_critique_outcome); None =
       variant omitted. An empty string is a failed merge ("parse_failure" drop). When
       `select_for_meta_critique` gave None (nothing to critique), pass "" so that the solution is still
       counted: the record is then dropped with the outcome_consistency reason.
     reference_verifications: the reference-guided verifier outputs; None = variant omitted.
-    config: tie policies and selection knobs.
+    config: tie policies, quorum, contradiction policy and selection knobs.
 
   Returns:
     Records in VARIANTS order: always single, outcome_consistency, step_consistency; then the optional
     variants whose inputs were given.
   """
-  meta = {"problem_id": problem_id, "solution_id": solution_id, "is_correct": is_correct}
+  meta = {"problem_id": problem_id, "solution_id": solution_id, "is_correct": is_correct,
+          "solution_steps": solution_steps}
   n = len(verifications)
   parsed = [parsing.parse_verification(text) for text in verifications]
-  records = [_single("single", verifications[0] if verifications else None, 0 if verifications else None, n,
-                     meta, think_allowed=True)]
+  records = [_check_step_counts(
+      _single("single", verifications[0] if verifications else None, 0 if verifications else None, n, meta, config,
+              think_allowed=True), parsed[:1])]
 
   y_star, outcome_index, outcome_drop = _outcome_selection(parsed, config)
   if outcome_drop is not None:
-    records.append(_dropped("outcome_consistency", *outcome_drop, n, meta))
+    outcome = _dropped("outcome_consistency", *outcome_drop, n, meta)
   else:
-    records.append(_kept("outcome_consistency", parsed[outcome_index]["steps"], y_star,
-                         verifications[outcome_index], outcome_index, n, meta))
-
-  records.append(_step_consistency("step_consistency", verifications, config, meta))
+    outcome = _kept("outcome_consistency", parsed[outcome_index]["steps"], y_star, verifications[outcome_index],
+                    outcome_index, n, meta, config)
+  records.append(_check_step_counts(outcome, parsed))
+  records.append(_check_step_counts(_step_consistency("step_consistency", verifications, config, meta), parsed))
 
   if merged is not None:
-    records.append(_single("meta_critique", merged, 0 if verifications else None, n, meta, think_allowed=False))
+    records.append(_check_step_counts(
+        _single("meta_critique", merged, 0 if verifications else None, n, meta, config, think_allowed=False),
+        [parsing.parse_verification(merged)]))
   if merged_outcome is not None:
     if outcome_drop is not None:  # nothing was selected to critique: same reason as outcome_consistency.
       code, detail = outcome_drop
-      records.append(_dropped("meta_critique_outcome", code, f"no outcome_consistency selection: {detail}", n,
-                              meta))
+      record = _dropped("meta_critique_outcome", code, f"no outcome_consistency selection: {detail}", n, meta)
     else:
-      records.append(_single("meta_critique_outcome", merged_outcome, outcome_index, n, meta,
-                             think_allowed=False))
+      record = _single("meta_critique_outcome", merged_outcome, outcome_index, n, meta, config, think_allowed=False)
+    records.append(_check_step_counts(record, [parsing.parse_verification(merged_outcome)]))
   if reference_verifications is not None:
-    records.append(_step_consistency("reference_guided", reference_verifications, config, meta))
+    records.append(_check_step_counts(
+        _step_consistency("reference_guided", reference_verifications, config, meta),
+        [parsing.parse_verification(text) for text in reference_verifications]))
   return records
 
 
@@ -396,10 +463,12 @@ def data_quality_table(records: Iterable[VariantRecord | Mapping[str, Any]]) -> 
 
   For the kept records of each variant: accuracy of the final label (final == is_correct) and of the
   step-derived verdict (all step labels correct <=> Yes), over all solutions and split into truly correct
-  and truly incorrect ones. Dropped records are counted per reason, not scored.
+  and truly incorrect ones. Dropped records are counted per reason, not scored. Contradictory targets are
+  counted per format over the records that list them (kept ones, and those dropped for it).
 
   Returns:
     {variant: {"kept": int, "dropped": int, "drop_reasons": {code: count},
+               "contradictions": {format: count} for CONTRADICTION_FORMATS,
                "final": {split: {"n", "hits", "accuracy"}}, "step_derived": {split: {...}}}}
     with splits QUALITY_SPLITS; accuracy is None for an empty split. Variants appear in VARIANTS order.
   """
@@ -409,9 +478,12 @@ def data_quality_table(records: Iterable[VariantRecord | Mapping[str, Any]]) -> 
       record = VariantRecord.from_dict(record)
     entry = counts.setdefault(record.variant, {
         "kept": 0, "dropped": 0, "drop_reasons": collections.Counter(),
+        "contradictions": dict.fromkeys(CONTRADICTION_FORMATS, 0),
         "final": {split: [0, 0] for split in QUALITY_SPLITS},
         "step_derived": {split: [0, 0] for split in QUALITY_SPLITS},
     })
+    for fmt in record.contradictory_formats:
+      entry["contradictions"][fmt] += 1
     if not record.kept:
       entry["dropped"] += 1
       entry["drop_reasons"][record.drop_reason] += 1
@@ -432,6 +504,7 @@ def data_quality_table(records: Iterable[VariantRecord | Mapping[str, Any]]) -> 
           "kept": counts[variant]["kept"],
           "dropped": counts[variant]["dropped"],
           "drop_reasons": dict(sorted(counts[variant]["drop_reasons"].items())),
+          "contradictions": counts[variant]["contradictions"],
           **{key: {s: _accuracy_cell(*counts[variant][key][s]) for s in QUALITY_SPLITS}
              for key in ("final", "step_derived")},
       } for variant in order
@@ -439,17 +512,20 @@ def data_quality_table(records: Iterable[VariantRecord | Mapping[str, Any]]) -> 
 
 
 def render_quality_markdown(table: Mapping[str, Mapping[str, Any]]) -> str:
-  """Markdown rendering of `data_quality_table`: one row per variant, cells "accuracy (hits/n)"."""
+  """Markdown rendering of `data_quality_table`: one row per variant, cells "accuracy (hits/n)", and the
+  contradictory targets per format as "prm/prm_cot/think_prm" counts."""
 
   def cell(c: Mapping[str, Any]) -> str:
     return "–" if not c["n"] else f"{c['accuracy']:.3f} ({c['hits']}/{c['n']})"
 
   header = ("| variant | kept | dropped | final: all | final: correct sol. | final: incorrect sol. "
-            "| step-derived: all | step-derived: correct sol. | step-derived: incorrect sol. |")
-  lines = [header, "|" + "---|" * 9]
+            "| step-derived: all | step-derived: correct sol. | step-derived: incorrect sol. "
+            f"| contradictory ({'/'.join(CONTRADICTION_FORMATS)}) |")
+  lines = [header, "|" + "---|" * 10]
   for variant, row in table.items():
     cells = [variant, str(row["kept"]), str(row["dropped"])]
     cells += [cell(row["final"][s]) for s in QUALITY_SPLITS]
     cells += [cell(row["step_derived"][s]) for s in QUALITY_SPLITS]
+    cells.append("/".join(str(row["contradictions"][fmt]) for fmt in CONTRADICTION_FORMATS))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from spark_jax.text.verdicts import strip_thinking as strip_think
+from spark_jax.text.verdicts import strip_thinking
 
 
 _ANSWER_LINE_RE = re.compile(r"Answer:\s*(.+?)(?:\n|$)", re.IGNORECASE)
@@ -85,11 +85,13 @@ def _clean_answer_line(s: str) -> str:
 
 
 def extract_answer(text: str | None) -> str | None:
-  """Extracts the final answer from a model response (SPEC 2.3), or None when there is none.
+  """Extracts the final answer from a model response (docs/method.md, answer checking), or None.
 
   Rules, in order:
-    0. If `</think>` occurs, only the text after the last one counts (a reasoning trace may mention
-       candidate answers). A response that opens `<think>` and never closes it is graded as is.
+    0. The reasoning trace is removed by the one think rule, `spark_jax.text.verdicts.split_thinking`
+       (a trace may mention candidate answers): only the text after the first `</think>` counts; a response
+       that opens `<think>` and never closes it has no answer (unless a `## Step 1:` block follows the
+       trace); a response without any tag is read whole.
     1. The first line matching `Answer:\\s*(.+?)(\\n|$)` (case-insensitive). Deviation from the authors'
        script, for robustness: when the captured text contains a `\\boxed{}`, its content is returned
        (so "Final Answer: The final answer is $\\boxed{5}$" gives "5"); markdown emphasis and `$` are
@@ -100,7 +102,7 @@ def extract_answer(text: str | None) -> str | None:
   """
   if text is None:
     return None
-  text = strip_think(str(text))
+  text = strip_thinking(str(text))
   m = _ANSWER_LINE_RE.search(text)
   if m:
     captured = m.group(1)
