@@ -93,12 +93,14 @@ def load_processbench(root: str | os.PathLike[str] = DEFAULT_ROOT, splits: Seque
     FileNotFoundError: a split's file is missing (the message says how to restore it).
   """
   splits = SPLITS if splits is None else tuple(splits)
-  unknown = [s for s in splits if s not in SPLITS]
+  folder = resolve_data_path(root)
+  # Other splits in ProcessBench's format (e.g. spark_jax.world's held-out set) load when their file exists.
+  unknown = [s for s in splits if s not in SPLITS and not (folder / f"{s}.json").is_file()]
   if unknown:
-    raise ValueError(f"unknown ProcessBench split(s) {unknown}; the splits are {SPLITS}.")
+    raise ValueError(f"unknown ProcessBench split(s) {unknown}; the splits are {SPLITS} (or any <split>.json "
+                     f"in {folder}).")
   if limit is not None and limit < 0:
     raise ValueError(f"limit={limit}: use None (all rows) or a non-negative count per split.")
-  folder = resolve_data_path(root)
   rows: list[dict[str, Any]] = []
   for split in splits:
     path = folder / f"{split}.json"

@@ -1,0 +1,108 @@
+"""The embedded world: task exactness, solution/verification formats against the project's parsers, the
+ProcessBench-style set through the unchanged loader and renderer, and the tokenizer."""
+
+import random
+
+import pytest
+
+from spark_jax.evals import processbench as pb
+from spark_jax.stage1 import prompts
+from spark_jax.text import verdicts
+from spark_jax.text.answers import extract_answer
+from spark_jax.world import task
+from spark_jax.world import tokenizer as world_tokenizer
+
+
+def test_problems_are_deterministic_and_bounded():
+  a, b = task.make_problems(3, 50), task.make_problems(3, 50)
+  assert a == b and a != task.make_problems(4, 50)
+  for p in a:
+    assert 3 <= len(p.ops) <= 6 and all(0 <= v < p.modulus for v in p.values)
+    assert task.Problem.from_record(p.to_record()) == p
+  p = task.Problem("x", 7, (("+", 5), ("*", 3), ("-", 4)), 10)
+  assert p.values == [7, 2, 6, 2] and p.answer == "2"
+
+
+@pytest.mark.parametrize("first_error", [-1, 0, 1, 2])
+def test_injected_error_is_exactly_the_first_wrong_step(first_error):
+  p = task.Problem("x", 7, (("+", 5), ("*", 3), ("-", 4)), 10)
+  text = task.render_solution(task.solve(p, first_error, random.Random(first_error)))
+  truth = task.step_truth(p, text)
+  assert len(truth) == 3 and task.first_error(truth) == first_error
+  assert truth == [first_error == -1 or k < first_error for k in range(3)]  # errors propagate
+  assert task.solution_is_correct(p, text) == (first_error == -1)
+  assert task.process_complete(p, text) == (first_error == -1)
+
+
+def test_step_truth_of_malformed_and_extra_steps():
+  p = task.Problem("x", 7, (("+", 5), ("*", 3)), 10)
+  assert task.step_truth(p, "no steps at all") == []
+  # The wrong operand in step 1 makes both steps wrong though step 2's own arithmetic is right.
+  text = "Step 1: <step>7 + 4 = 1</step>\n\nStep 2: <step>1 * 3 = 3</step>\n\nStep 3: <step>3 + 1 = 4</step>"
+  assert task.step_truth(p, text) == [False, False, False]
+  text = "Step 1: <step>7 + 5 = 2</step>\n\nStep 2: <step>garbled</step>"
+  assert task.step_truth(p, text) == [True, False]
+
+
+def test_solution_format_answer_and_visible_text():
+  p = task.make_problems(0, 1)[0]
+  text = task.render_solution(task.solve(p))
+  assert text.startswith("<think>Step 1: <step>") and text.endswith(f"</think><answer>\\boxed{{{p.answer}}}</answer>")
+  assert text.count("<step>") == len(p.ops)
+  seen = task.visible(text)
+  assert "<think>" not in seen and verdicts.strip_thinking(seen) == seen  # Stage I keeps the steps
+  assert extract_answer(seen) == extract_answer(text) == p.answer
+  assert task.step_truth(p, seen) == [True] * len(p.ops)
+
+
+def test_noisy_verifications_parse_and_hit_the_requested_accuracy():
+  rng = random.Random(0)
+  hits = total = 0
+  for p in task.make_problems(1, 200):
+    text, _ = task.sample_solution(p, rng, error_rate=0.5)
+    truth = task.step_truth(p, text)
+    exact = verdicts.parse_verification(task.noisy_verification(p, text, rng, step_accuracy=1.0))
+    assert exact == {"steps": truth, "final": all(truth)}
+    noisy = verdicts.parse_verification(task.noisy_verification(p, text, rng, step_accuracy=0.7))
+    assert len(noisy["steps"]) == len(truth) and noisy["final"] == all(noisy["steps"])
+    hits += sum(a == b for a, b in zip(noisy["steps"], truth))
+    total += len(truth)
+  assert 0.65 < hits / total < 0.75  # ~900 Bernoulli(0.7) draws: 5 sigma is 0.076
+
+
+def test_processbench_cases_load_and_render_like_a_solution(tmp_path):
+  problems = task.make_problems(9, 40)
+  cases = task.processbench_cases(problems, seed=9)
+  assert {c["label"] == -1 for c in cases} == {True, False}
+  task.write_processbench(str(tmp_path), cases)
+  loaded = pb.load_processbench(str(tmp_path), splits=(task.PROCESSBENCH_SPLIT,))
+  assert [c["label"] for c in loaded] == [c["label"] for c in cases]
+  for p, case in zip(problems, loaded):
+    fe = case["label"]
+    text = task.render_solution(task.solve(p, fe, random.Random(0)))
+    rendered = pb.render_steps(case["steps"])
+    assert task.first_error(task.step_truth(p, rendered)) == fe
+    if fe == -1:  # the rendering is byte for byte the decoded solution the verifier and the PRM see
+      assert rendered == task.visible(text)
+
+
+def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
+  from spark_jax.tokenizer import Tokenizer
+  assert world_tokenizer.build_tokenizer_json() == world_tokenizer.build_tokenizer_json()
+  tok = Tokenizer.from_pretrained(world_tokenizer.build_tokenizer(str(tmp_path / "tok")))
+  assert tok.vocab_size <= world_tokenizer.WORLD_VOCAB
+  assert tok.decode(tok.end_of_turn_ids[:1]) == "<|im_end|>"
+  p = task.make_problems(2, 1)[0]
+  solution = task.render_solution(task.solve(p, 1, random.Random(1)))
+  verification = task.noisy_verification(p, solution, random.Random(1), 0.8)
+  for text in (p.text, solution, verification, prompts.verifier_prompt(p.text, task.visible(solution), "3")):
+    assert tok.decode(tok.encode(text)) == text
+  # The chat layer decodes with special tokens skipped: the think markers vanish, the step tags stay.
+  assert tok.decode(tok.encode(solution), skip_special_tokens=True) == solution.replace("<think>", "").replace(
+      "</think>", "")
+  # Constant prompt prose is one token per segment, so a verifier prompt stays short.
+  messages = [{"role": "user", "content": prompts.verifier_prompt(p.text, task.visible(solution))},
+              {"role": "assistant", "content": verification}]
+  ids, mask = tok.render_chat_with_assistant_mask(messages)
+  assert len(ids) < 400 and 0 < sum(mask) < len(ids)
+  assert len(tok.token_bytes_table()) == tok.vocab_size
