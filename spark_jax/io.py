@@ -81,7 +81,7 @@ class ReadStats:
     self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
-def _is_hub_id(source: str) -> bool:
+def is_hub_id(source: str) -> bool:
   """"org/name" or "name": not a path, a glob or a data file name."""
   return (not any(c in source for c in "*?[") and source.count("/") <= 1 and not source.startswith((".", "/", "~"))
           and not source.endswith(DATA_EXTENSIONS) and not source.startswith("data/"))
@@ -121,7 +121,7 @@ def iter_records(source: str, *, split: str = "train", on_error: str = "raise",
   if on_error not in ("skip", "raise"):
     raise ValueError(f"on_error={on_error!r}: use 'skip' or 'raise'.")
   stats = stats if stats is not None else ReadStats()
-  if _is_hub_id(source) and not os.path.exists(source):
+  if is_hub_id(source) and not os.path.exists(source):
     try:
       import datasets
       ds = datasets.load_dataset(source, split=split)

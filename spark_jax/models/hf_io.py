@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from spark_jax import sharding as shd
+from spark_jax.io import atomic_path
 from spark_jax.models.config import ARCHITECTURES, HF_ARCHITECTURE, ModelConfig
 from spark_jax.models.decoder import Params, abstract_params, param_logical_axes
 
@@ -233,13 +234,11 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict 
     arrays[name] = arr
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for arr in arrays.values():
       f.write(arr.tobytes())
-  os.replace(tmp, path)
 
 
 class _CheckpointReader:

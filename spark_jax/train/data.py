@@ -2,8 +2,8 @@
 
 Stages (each a plain function, so tests and the RL loop can reuse any of them):
 
-1. `read_rows`: JSONL / JSON / parquet files (a file, a directory, a glob) or a Hub dataset id, yielding
-   `(where, row)` with `where` = "file:line" so every row error names its source.
+1. `spark_jax.io.iter_records` (the project's one record reader): JSONL / JSON / parquet files (a file, a
+   directory, a glob) or a Hub dataset id, yielding `(where, row)` so every row error names its source.
 2. `tokenize_rows`: filter by `format`/`variant`, render with the chat template and mark the assistant tokens
    (`Tokenizer.render_chat_with_assistant_mask`), handle sequences longer than `max_length`. Result: one flat
    token array + offsets (`TokenizedExamples`), cached in the workdir as .npz so a restart does not re-tokenize.
@@ -34,7 +34,6 @@ needs one shape everywhere) while each loads only 1/process_count of the tokens.
 from __future__ import annotations
 
 import dataclasses
-import glob as globlib
 import hashlib
 import json
 import logging
@@ -44,95 +43,21 @@ from typing import Any, Iterator, Mapping, Sequence
 import grain
 import numpy as np
 
+from spark_jax import io
+
 # Keys of one batch (numpy, host side). Shapes: A accumulation steps x b process-local rows x T padded length.
 BATCH_KEYS = ("tokens", "targets", "weights", "mask")
-DATA_EXTENSIONS = (".jsonl", ".json", ".parquet")
 
 
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def _is_hub_id(source: str) -> bool:
-  return (not os.path.exists(source) and not any(c in source for c in "*?[") and source.count("/") <= 1
-          and not source.startswith((".", "/", "~")) and not source.endswith(DATA_EXTENSIONS))
-
-
-def resolve_files(source: str) -> list[str]:
-  """The data files of `source`: a file, a directory or a glob.
-
-  A directory contributes its *.jsonl and *.parquet files (sorted; not *.json, so the manifest.json that Stage I
-  writes beside datasets/<variant>/<format>.jsonl is not read as rows); a file or glob may also name *.json.
-  """
-  source = os.path.expanduser(source)
-  if os.path.isdir(source):
-    files = sorted(os.path.join(source, f) for f in os.listdir(source) if f.endswith((".jsonl", ".parquet")))
-    if not files:
-      raise FileNotFoundError(f"data directory {source!r} holds no .jsonl/.parquet files; point config.data at "
-                              "a Stage I dataset directory (runs/<stage1>/aggregate/datasets/<variant>) or a file.")
-    return files
-  if os.path.isfile(source):
-    return [source]
-  files = sorted(f for f in globlib.glob(source) if f.endswith(DATA_EXTENSIONS))
-  if not files:
-    raise FileNotFoundError(f"data source {source!r} is not a file, a directory or a glob matching "
-                            f"{'/'.join(DATA_EXTENSIONS)} files; check the path.")
-  return files
-
-
-def _read_file(path: str) -> Iterator[tuple[str, dict]]:
-  if path.endswith(".parquet"):
-    import pyarrow.parquet as pq
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-      yield f"{path}:row {i}", row
-  elif path.endswith(".json"):
-    with open(path) as f:
-      text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):  # a JSON array of rows
-      for i, row in enumerate(json.loads(text)):
-        yield f"{path}:item {i}", row
-      return
-    for line_no, line in enumerate(text.splitlines(), 1):  # JSON lines saved as .json
-      if line.strip():
-        yield from _parse_line(path, line_no, line)
-  else:
-    with open(path) as f:
-      for line_no, line in enumerate(f, 1):
-        if line.strip():
-          yield from _parse_line(path, line_no, line)
-
-
-def _parse_line(path: str, line_no: int, line: str) -> Iterator[tuple[str, dict]]:
-  try:
-    yield f"{path}:{line_no}", json.loads(line)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno}); every line of a JSONL "
-                     "data file must be one JSON object — fix or remove that line.") from e
-
-
-def read_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:
-  """Yields (where, row) from local files or, for a Hub dataset id, `datasets.load_dataset(source, split)`."""
-  if _is_hub_id(source):
-    try:
-      import datasets
-      ds = datasets.load_dataset(source, split=split)
-    except Exception as e:  # offline, unknown id, missing split
-      raise OSError(f"data source {source!r} is not a local path and `datasets.load_dataset({source!r}, "
-                    f"split={split!r})` failed ({type(e).__name__}: {e}); when offline pass a local JSONL/parquet "
-                    "file or directory instead.") from e
-    for i, row in enumerate(ds):
-      yield f"{source}[{split}]:row {i}", row
-    return
-  for path in resolve_files(source):
-    yield from _read_file(path)
-
-
 def source_fingerprint(source: str, split: str = "train") -> str:
   """Cheap identity of a data source (paths, sizes, mtimes; or the hub id) for cache keys."""
-  if _is_hub_id(source):
+  if io.is_hub_id(source) and not os.path.exists(source):
     return f"hub:{source}:{split}"
   parts = []
-  for path in resolve_files(source):
+  for path in io.record_files(source):
     st = os.stat(path)
     parts.append(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}")
   return "|".join(parts)
@@ -212,7 +137,7 @@ def tokenize_rows(rows: Iterator[tuple[str, Mapping]], tokenizer, *, max_length:
   """Filters, renders and tokenizes chat rows; see the module docstring for the overlong policy.
 
   Args:
-    rows: (where, row) pairs as from `read_rows`.
+    rows: (where, row) pairs as from `spark_jax.io.iter_records`.
     tokenizer: a `spark_jax.tokenizer.Tokenizer` (anything with `render_chat_with_assistant_mask`).
     max_length: longest sequence kept, in tokens (template included).
     overlong: "drop" (count and skip) or "truncate" (keep the first max_length tokens).
@@ -272,12 +197,12 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 def load_examples(source: str, tokenizer, *, max_length: int, overlong: str = "drop",
                   formats: Sequence[str] = (), variants: Sequence[str] = (), split: str = "train",
                   cache_dir: str | None = None) -> TokenizedExamples:
-  """`read_rows` + `tokenize_rows`, cached as .npz under `cache_dir` (keyed by files, tokenizer and settings).
+  """`io.iter_records` + `tokenize_rows`, cached as .npz under `cache_dir` (keyed by files, tokenizer and settings).
 
   Every process computes the same result; only process 0 writes the cache (atomically).
   """
   key = json.dumps([source_fingerprint(source, split), _tokenizer_fingerprint(tokenizer), max_length, overlong,
-                    sorted(formats), sorted(variants), 2])
+                    sorted(formats), sorted(variants), 3])
   digest = hashlib.sha256(key.encode()).hexdigest()[:20]
   path = os.path.join(cache_dir, f"tokens-{digest}.npz") if cache_dir else None
   if path and os.path.exists(path):
@@ -286,18 +211,16 @@ def load_examples(source: str, tokenizer, *, max_length: int, overlong: str = "d
                              stats=json.loads(str(z["stats"])), origins=z["origins"])
     logging.info("data %s: %d examples from cache %s", source, len(ex), path)
     return ex
-  ex = tokenize_rows(read_rows(source, split), tokenizer, max_length=max_length, overlong=overlong,
+  ex = tokenize_rows(io.iter_records(source, split=split), tokenizer, max_length=max_length, overlong=overlong,
                      formats=formats, variants=variants)
   if len(ex) == 0:
     raise ValueError(f"data {source!r}: no examples left ({ex.stats}); check config.formats/variants against "
                      f"the rows' 'format'/'variant' fields and max_length={max_length}.")
   import jax
   if path and jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, tokens=ex.tokens, loss_mask=ex.loss_mask, offsets=ex.offsets, stats=json.dumps(ex.stats),
-             origins=ex.origins)
-    os.replace(tmp, path)
+    with io.atomic_path(path) as tmp, open(tmp, "wb") as f:
+      np.savez(f, tokens=ex.tokens, loss_mask=ex.loss_mask, offsets=ex.offsets, stats=json.dumps(ex.stats),
+               origins=ex.origins)
   return ex
 
 
