@@ -19,6 +19,7 @@ JOBS = {
     "sft": "spark_jax.train.loop:run_sft",
     "processbench": "spark_jax.evals.processbench_job:run_processbench",
     "rl": "spark_jax.rl.loop:run_rl",
+    "grid": "spark_jax.grid:run_grid",
 }
 
 
