@@ -50,8 +50,13 @@ def stage1_config(job: str = "stage1", variant: str = "") -> "common.ConfigDict"
   config.aggregate = common.ConfigDict()
   config.aggregate.step_tie = "incorrect"  # D4: incorrect | correct | drop
   config.aggregate.outcome_tie = "No"  # No | Yes | drop
-  config.aggregate.min_step_votes = 1
-  config.aggregate.step_match_final = False
+  # A step index is voted only when more than this fraction of the verifications with step verdicts reach
+  # it (0.5 = a majority; 0 = the literal per-step majority of D4, where one verification suffices).
+  config.aggregate.step_quorum = 0.5
+  config.aggregate.step_match_final = False  # step_consistency selection also requires final == y*
+  # Targets that contradict themselves (all steps correct but final No, or a step incorrect but final Yes):
+  # "keep" (faithful; counted in the manifest and the data-quality table) | "drop" (from the variant, all formats).
+  config.aggregate.contradictions = "keep"
   config.aggregate.formats = ("orm", "prm", "prm_cot", "think_prm")
   config.aggregate.variants = ("single", "outcome_consistency", "step_consistency", "meta_critique",
                                "meta_critique_outcome", "reference_guided")

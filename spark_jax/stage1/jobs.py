@@ -11,13 +11,20 @@ own subdirectory:
   workdir/critique/   shards of {problem_id, solution_id, meta_critique: {...}, meta_critique_outcome: {...}}
   workdir/aggregate/  records.jsonl, datasets/<variant>/<format>.jsonl + manifest.json, data_quality.{json,md}
 
-Sampling seeds are derived from `config.seed` and the global index of a shard's first item, so a resumed
-job produces exactly the records an uninterrupted one would.
+Randomness: every sampled row draws from a key derived from `config.seed`, a per-job salt, and the global
+index of its item alone (the problem's row for generate, the solution's row in solutions.jsonl for the
+verifiers; `ChatModel.sample(prompt_indices=...)` folds it in). The records therefore do not depend on
+`shard_size`, on the number of processes, or on where a resumed job restarted.
+
+Upstream checks: a job reads what the previous jobs wrote only after checking that each one finished (its
+`summary.json` exists and its counts match what this job expects) and through the sharded-output reader;
+anything missing or inconsistent is an error that names the job to rerun, never a silent drop.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import time
@@ -26,6 +33,7 @@ from spark_jax import io
 from spark_jax.evals import grading
 from spark_jax.stage1 import aggregate, curation, formats, prompts
 from spark_jax.text import verdicts as parsing
+from spark_jax.text.answers import extract_answer
 
 _THINKING = {"auto": None, "on": True, "off": False}
 
@@ -34,8 +42,52 @@ def _dir(config, job: str) -> str:
   return os.path.join(config.workdir, job)
 
 
-def _seed(config, first_index: int, salt: int) -> int:
-  return (config.seed * 1_000_003 + salt * 7_919 + first_index) % (2**31 - 1)
+# Per-job salts of the sampling seed, so that jobs sampling the same item indices draw different streams.
+_SALT = {"generate": 1, "verify": 2, "verify_reference": 3, "critique": 4}
+
+
+def _seed(config, job: str) -> int:
+  return (config.seed * 1_000_003 + _SALT[job] * 7_919) % (2**31 - 1)
+
+
+def _rerun(job: str) -> str:
+  return f"rerun the {job} job (`python -m spark_jax.main --config=configs/stage1.py --config.job={job}`, same workdir)"
+
+
+def _upstream_summary(config, job: str, expect: dict) -> dict:
+  """The summary of a finished upstream job; raises, naming the job to rerun, when it is missing or its
+  counts differ from `expect` (key -> value this job needs)."""
+  path = os.path.join(_dir(config, job), "summary.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: the {job} job has not finished in this workdir; {_rerun(job)}.")
+  with open(path) as f:
+    summary = json.load(f)
+  wrong = {k: (summary.get(k), v) for k, v in expect.items() if summary.get(k) != v}
+  if wrong:
+    raise ValueError(f"{path}: " + ", ".join(f"{k} = {got!r}, expected {want!r}" for k, (got, want) in wrong.items())
+                     + f"; the {job} outputs are stale or from other settings: {_rerun(job)} in a clean "
+                     f"{_dir(config, job)}.")
+  return summary
+
+
+def _upstream_records(config, job: str, name: str, items: list[dict]) -> dict[str, dict]:
+  """The finished sharded output `name` of upstream `job`, one record per item of `items` (by solution_id)."""
+  out_dir = _dir(config, job)
+  spec_path = os.path.join(out_dir, f"{name}.shards.json")
+  if not os.path.exists(spec_path):
+    raise FileNotFoundError(f"{spec_path} is missing: the {job} job has not run in this workdir; {_rerun(job)}.")
+  with open(spec_path) as f:
+    spec = json.load(f)
+  if spec.get("items") != len(items):
+    raise ValueError(f"{spec_path}: the {job} job ran on {spec.get('items')} solutions, but "
+                     f"{_dir(config, 'generate')}/solutions.jsonl has {len(items)}; {_rerun(job)} in a clean "
+                     f"{out_dir}.")
+  records = io.ShardedOutput(out_dir, name, items, spec["shard_size"], process_index=0, process_count=1).read_all()
+  for item, record in zip(items, records):
+    if record.get("solution_id") != item["solution_id"]:
+      raise ValueError(f"{out_dir}: record for solution {record.get('solution_id')!r} stands where solution "
+                       f"{item['solution_id']!r} of solutions.jsonl is expected; {_rerun(job)} in a clean {out_dir}.")
+  return {r["solution_id"]: r for r in records}
 
 
 def _chat_model(config, which: str):
@@ -79,14 +131,15 @@ def run_generate(config) -> dict:
   def work(items):
     completions = model.sample([prompts.generator_prompt(p["problem"]) for p in items],
                                num_samples=g.num_solutions, temperature=g.temperature, top_p=g.top_p,
-                               max_new_tokens=g.max_new_tokens, seed=_seed(config, items[0]["_index"], 1))
+                               max_new_tokens=g.max_new_tokens, seed=_seed(config, "generate"),
+                               prompt_indices=[p["_index"] for p in items])
     records = []
     for p, samples in zip(items, completions):
       solutions = []
       for j, c in enumerate(samples):
         solutions.append({"solution_id": f"{p['problem_id']}-s{j}", "solution": parsing.strip_thinking(c.text),
                           "finish_reason": c.finish_reason, "num_tokens": c.num_tokens,
-                          "extracted_answer": grading.extract_answer(c.text), "is_correct": None})
+                          "extracted_answer": extract_answer(c.text), "is_correct": None})
       records.append({"problem_id": p["problem_id"], "problem": p["problem"], "answer": p["answer"],
                       "solutions": solutions})
     graded = [(s, r["answer"]) for r in records if r["answer"] is not None for s in r["solutions"]]
@@ -136,10 +189,15 @@ def run_generate(config) -> dict:
 
 
 def _solutions(config) -> list[dict]:
+  """The curated solutions of the finished generate job, each with `_index` (its row: the sampling index)."""
   path = os.path.join(_dir(config, "generate"), "solutions.jsonl")
+  summary = _upstream_summary(config, "generate", {})
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} is missing: run the generate job first (same workdir).")
+    raise FileNotFoundError(f"{path} is missing although the generate job wrote its summary; {_rerun('generate')}.")
   rows = io.read_records(path, on_error="raise")
+  if summary.get("solutions_kept") != len(rows):
+    raise ValueError(f"{path} has {len(rows)} rows but {_dir(config, 'generate')}/summary.json says solutions_kept="
+                     f"{summary.get('solutions_kept')}; the file is stale or truncated: {_rerun('generate')}.")
   for i, r in enumerate(rows):
     r["_index"] = i
   return rows
@@ -162,8 +220,8 @@ def run_verify(config, *, reference: bool = False) -> dict:
                                         expected_answer=grading.normalize_gold(s["answer"])[0] if reference else None)
                 for s in items]
     completions = model.sample(messages, num_samples=n, temperature=v.temperature, top_p=v.top_p,
-                               max_new_tokens=v.max_new_tokens, seed=_seed(config, items[0]["_index"], 2 + reference),
-                               enable_thinking=_THINKING[v.thinking])
+                               max_new_tokens=v.max_new_tokens, seed=_seed(config, name),
+                               enable_thinking=_THINKING[v.thinking], prompt_indices=[s["_index"] for s in items])
     return [{"problem_id": s["problem_id"], "solution_id": s["solution_id"],
              "verifications": [c.text for c in cs], "finish_reasons": [c.finish_reason for c in cs],
              "num_tokens": [c.num_tokens for c in cs]} for s, cs in zip(items, completions)]
@@ -184,22 +242,24 @@ def run_verify(config, *, reference: bool = False) -> dict:
 # ------------------------------------------------------------------------------------------------ critique
 
 
-def _by_solution(path_dir: str, name: str, job: str) -> dict[str, dict]:
-  spec = os.path.join(path_dir, f"{name}.shards.json")
-  if not os.path.exists(spec):
-    raise FileNotFoundError(f"{path_dir} has no finished {name}: run the {job} job first (same workdir).")
-  import glob
-  rows = []
-  for f in sorted(glob.glob(os.path.join(path_dir, f"{name}-*.jsonl"))):
-    rows.extend(io.read_records(f, on_error="raise"))
-  return {r["solution_id"]: r for r in rows}
+def _verifications(config, solutions: list[dict], *, reference: bool = False) -> dict[str, dict]:
+  """Finished verify (or verify_reference) outputs by solution_id, after the upstream checks."""
+  job = "verify_reference" if reference else "verify"
+  n = config.verify.reference_num_verifications if reference else config.verify.num_verifications
+  _upstream_summary(config, job, {"solutions": len(solutions), "verifications_per_solution": n,
+                                  "verifications": len(solutions) * n})
+  return _upstream_records(config, job, "verifications", solutions)
 
 
 def run_critique(config) -> dict:
-  """Critic then merger (both greedy) on verification 0 and on the outcome-consistency selection (D6)."""
+  """Critic then merger (both greedy) on verification 0 and on the outcome-consistency selection (D6).
+
+  For each solution and each meta-critique variant with a selection (`aggregate.select_for_meta_critique`),
+  the critic sees that verification; the merger sees the same verification and the critic's output.
+  """
   c = config.critique
   solutions = _solutions(config)
-  verifications = _by_solution(_dir(config, "verify"), "verifications", "verify")
+  verifications = _verifications(config, solutions)
   agg = _aggregation_config(config)
   shards = io.ShardedOutput(_dir(config, "critique"), "critiques", solutions, config.shard_size)
   model = _chat_model(config, "verifier") if shards.pending() else None
@@ -211,10 +271,14 @@ def run_critique(config) -> dict:
       for variant, index in aggregate.select_for_meta_critique(texts, agg).items():
         if index is not None:
           jobs.append((i, variant, index))
-    settings = dict(num_samples=1, temperature=0.0, max_new_tokens=c.max_new_tokens,
-                    enable_thinking=_THINKING[config.verify.thinking])
+    # Greedy, so the keys do not matter; they still follow the item index, as in every job.
+    settings = dict(num_samples=1, temperature=0.0, max_new_tokens=c.max_new_tokens, seed=_seed(config, "critique"),
+                    enable_thinking=_THINKING[config.verify.thinking],
+                    prompt_indices=[items[i]["_index"] * len(_META_VARIANTS) + _META_VARIANTS.index(variant)
+                                    for i, variant, _ in jobs])
     critic_inputs = [(items[i], verifications[items[i]["solution_id"]]["verifications"][k]) for i, _, k in jobs]
-    critiques = model.sample([prompts.critic_prompt(s["problem"], s["solution"], v) for s, v in critic_inputs], **settings)
+    critiques = model.sample([prompts.critic_prompt(s["problem"], s["solution"], v) for s, v in critic_inputs],
+                             **settings)
     merged = model.sample([prompts.merger_prompt(s["problem"], s["solution"], v, cr[0].text)
                            for (s, v), cr in zip(critic_inputs, critiques)], **settings)
     records = [{"problem_id": s["problem_id"], "solution_id": s["solution_id"], "num_tokens": 0} for s in items]
@@ -227,10 +291,38 @@ def run_critique(config) -> dict:
   timing = shards.run(work, unit_counter=lambda rs: sum(r["num_tokens"] for r in rs))
   records = shards.read_all()
   summary = {"job": "critique", "solutions": len(records),
-             "critiqued": {v: sum(v in r for r in records) for v in ("meta_critique", "meta_critique_outcome")},
+             "critiqued": {v: sum(v in r for r in records) for v in _META_VARIANTS},
              **timing}
   io.write_summary(_dir(config, "critique"), summary)
   return summary
+
+
+_META_VARIANTS = ("meta_critique", "meta_critique_outcome")
+
+
+def _merged_texts(critique: dict, selection: dict[str, int | None], solution_id: str) -> dict[str, str]:
+  """The merged text per meta-critique variant of one solution, checked against the aggregation's selection.
+
+  A variant without a selection gets "" (the record is then dropped with the outcome_consistency reason);
+  a selected variant that the critique record lacks, or that critiqued another verification (the
+  aggregation settings changed since the critique job ran), is an error.
+  """
+  merged = {}
+  for variant in _META_VARIANTS:
+    index = selection[variant]
+    if index is None:
+      merged[variant] = ""
+      continue
+    entry = critique.get(variant)
+    if entry is None:
+      raise ValueError(f"solution {solution_id}: the critique record has no {variant} entry although verification "
+                       f"{index} is selected for it; {_rerun('critique')} in a clean critique directory.")
+    if entry.get("verification_index") != index:
+      raise ValueError(f"solution {solution_id}: the {variant} critique is of verification "
+                       f"{entry.get('verification_index')}, but the current aggregation settings select {index}; "
+                       f"{_rerun('critique')} in a clean critique directory with the same config.aggregate.")
+    merged[variant] = entry["merged"]
+  return merged
 
 
 # ----------------------------------------------------------------------------------------------- aggregate
@@ -238,8 +330,8 @@ def run_critique(config) -> dict:
 
 def _aggregation_config(config) -> aggregate.AggregationConfig:
   a = config.aggregate
-  return aggregate.AggregationConfig(step_tie=a.step_tie, outcome_tie=a.outcome_tie,
-                                     min_step_votes=a.min_step_votes, step_match_final=a.step_match_final)
+  return aggregate.AggregationConfig(step_tie=a.step_tie, outcome_tie=a.outcome_tie, step_quorum=a.step_quorum,
+                                     step_match_final=a.step_match_final, contradictions=a.contradictions)
 
 
 def run_aggregate(config) -> dict:
@@ -248,13 +340,12 @@ def run_aggregate(config) -> dict:
   out_dir = _dir(config, "aggregate")
   agg = _aggregation_config(config)
   solutions = _solutions(config)
-  verifications = _by_solution(_dir(config, "verify"), "verifications", "verify")
-  reference = (_by_solution(_dir(config, "verify_reference"), "verifications", "verify --reference")
-               if config.verify.reference else None)
-  critiques = _by_solution(_dir(config, "critique"), "critiques", "critique") if config.critique.enabled else None
-  missing = [s["solution_id"] for s in solutions if s["solution_id"] not in verifications]
-  if missing:
-    raise KeyError(f"{len(missing)} solution(s) have no verifications (e.g. {missing[0]}); rerun the verify job.")
+  verifications = _verifications(config, solutions)
+  reference = _verifications(config, solutions, reference=True) if config.verify.reference else None
+  critiques = None
+  if config.critique.enabled:
+    _upstream_summary(config, "critique", {"solutions": len(solutions)})
+    critiques = _upstream_records(config, "critique", "critiques", solutions)
 
   if config.generate.curation == "verifier_majority":
     problems = collections.defaultdict(list)
@@ -274,12 +365,14 @@ def run_aggregate(config) -> dict:
   records, rows = [], collections.defaultdict(list)
   for s in solutions:
     sid = s["solution_id"]
-    crit = critiques.get(sid, {}) if critiques is not None else None
-    merged = None if crit is None else crit.get("meta_critique", {}).get("merged", "")
-    merged_outcome = None if crit is None else crit.get("meta_critique_outcome", {}).get("merged", "")
+    texts = verifications[sid]["verifications"]
+    merged = {}
+    if critiques is not None:
+      merged = _merged_texts(critiques[sid], aggregate.select_for_meta_critique(texts, agg), sid)
     built = aggregate.build_variant_records(
-        verifications[sid]["verifications"], problem_id=s["problem_id"], solution_id=sid,
-        is_correct=s.get("is_correct"), merged=merged, merged_outcome=merged_outcome,
+        texts, problem_id=s["problem_id"], solution_id=sid, is_correct=s.get("is_correct"),
+        solution_steps=parsing.count_solution_steps(s["solution"]),
+        merged=merged.get("meta_critique"), merged_outcome=merged.get("meta_critique_outcome"),
         reference_verifications=reference[sid]["verifications"] if reference is not None else None, config=agg)
     for record in built:
       if record.variant not in a.variants:
@@ -303,6 +396,16 @@ def run_aggregate(config) -> dict:
         "kept_solutions": len(kept),
         "dropped": dict(collections.Counter(r.drop_reason for r in vrecords if not r.kept)),
         "parse_failures": sum(r.drop_reason == aggregate.DROP_PARSE_FAILURE for r in vrecords),
+        # Targets that contradict themselves, per format (kept records, plus those dropped for it).
+        "contradictions": {fmt: sum(fmt in r.contradictory_formats for r in vrecords)
+                           for fmt in aggregate.CONTRADICTION_FORMATS},
+        # Verifications whose number of step verdicts differs from the solution's own step count.
+        "step_count": {
+            "solutions_without_step_headers": sum(not r.solution_steps for r in vrecords),
+            "verifications_checked": sum(r.step_count_checked for r in vrecords),
+            "verifications_differing": sum(r.step_count_differing for r in vrecords),
+            "kept_labels_differing": sum(bool(r.solution_steps) and len(r.steps) != r.solution_steps for r in kept),
+        },
         "rows": {fmt: len(rows[(variant, fmt)]) for fmt in a.formats},
         "missing_targets": dict(collections.Counter(reason for r in kept for reason in r.missing_targets.values())),
         "labels": {"final_yes": sum(bool(r.final) for r in kept), "final_no": sum(r.final is False for r in kept),
