@@ -22,6 +22,7 @@ import numpy as np
 
 from spark_jax import models
 from spark_jax import sharding as shd
+from spark_jax.models import load
 from spark_jax.train import perf
 from spark_jax.train import step as step_lib
 
@@ -30,7 +31,7 @@ GPU_CASES = (("qwen2.5-0.5b", 4096, 8), ("qwen2.5-1.5b", 4096, 4))
 
 def _cheap_params(cfg, mesh):
   """Deterministic pseudo-random weights (sin of a hashed index): fast to compile on any backend."""
-  shardings = step_lib.param_shardings(cfg, mesh)
+  shardings = load.param_shardings(cfg, mesh)
 
   def init():
     flat, tree = jax.tree_util.tree_flatten_with_path(models.abstract_params(cfg))

@@ -16,12 +16,13 @@ PACKAGED = {"smollm2-135m-instruct": "spark_jax.models.gguf:smollm2_checkpoint"}
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules=shd.DEFAULT_RULES) -> Params:
-  """NamedSharding per parameter from the logical axis rules (errors name any non-dividing tensor)."""
+  """NamedSharding per parameter from the logical axis rules: the one builder of parameter shardings (loading,
+  training and sampling all place parameters with it); an error names any parameter the mesh does not divide."""
   axes = param_logical_axes(cfg)
   abstract = abstract_params(cfg)
-  return jax.tree.map(
-      lambda a, ax: shd.named_sharding(mesh, ax, a.shape, rules=rules), abstract, axes,
-      is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, a, ax: shd.named_sharding(mesh, ax, a.shape, name=f"param {jax.tree_util.keystr(path)}",
+                                             rules=rules), abstract, axes)
 
 
 def shard_params(cfg: ModelConfig, params: Params, mesh, rules=shd.DEFAULT_RULES) -> Params:

@@ -14,8 +14,9 @@ Precision: the optimizer keeps fp32 master parameters and moments (an lr of 1e-5
 relative to O(1) weights, so bf16 master weights would not move); the loss casts them to `compute_dtype`
 inside the differentiated function, so activations run in bf16 and gradients arrive in fp32.
 
-Memory: the vocabulary projection is computed in sequence chunks under `jax.checkpoint`, so at most one
-B x C x V fp32 logits chunk (and its gradient) is live: a 151k vocab x 8192 positions never materialises.
+Memory: the vocabulary projection is computed in sequence chunks under `jax.checkpoint` (`head_logprobs`,
+behind `token_logprobs`), so at most one B x C x V fp32 logits chunk (and its gradient) is live: a 151k
+vocab x 8192 positions never materialises.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jax.sharding import NamedSharding
 from spark_jax import sharding as shd
 from spark_jax.models import ModelConfig, hidden_states, logits_from_hidden, param_logical_axes
 from spark_jax.models.decoder import abstract_params
+from spark_jax.models.load import param_shardings
 
 Params = dict[str, Any]
 Batch = Mapping[str, jax.Array]
@@ -43,13 +45,15 @@ F32 = jnp.float32
 # ----------------------------------------------------------------------------------------------- the loss
 
 
-def chunked_token_nll(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array, targets_BxT: jax.Array,
-                      weights_BxT: jax.Array, chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
-  """(sum of weighted next-token NLL, sum of weighted argmax hits), the head run `chunk` positions at a time.
+def head_logprobs(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array, targets_BxT: jax.Array, *,
+                  chunk: int = 1024) -> tuple[jax.Array, jax.Array]:
+  """(log p(target) B×T fp32 under the full softmax, target-is-argmax B×T bool), the head run `chunk` positions
+  at a time.
 
   Each chunk's logits are recomputed in the backward pass (jax.checkpoint around the scan body), so memory
   holds one B x chunk x V fp32 block instead of B x T x V. The target logit is picked with a compare-and-sum
   over the vocabulary instead of a gather, which stays local when the vocabulary is sharded over "tensor".
+  Ties with the maximum count as argmax hits (fine for an accuracy metric).
   """
   B, T, D = hidden_BxTxD.shape
   c = max(1, min(chunk, T))
@@ -57,44 +61,54 @@ def chunked_token_nll(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array,
   if pad:
     hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
     targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-    weights_BxT = jnp.pad(weights_BxT, ((0, 0), (0, pad)))
   n = (T + pad) // c
-  h_NxBxCxD = hidden_BxTxD.reshape(B, n, c, D).swapaxes(0, 1)
-  t_NxBxC = targets_BxT.reshape(B, n, c).swapaxes(0, 1)
-  w_NxBxC = weights_BxT.astype(F32).reshape(B, n, c).swapaxes(0, 1)
+  h_KxBxCxD = hidden_BxTxD.reshape(B, n, c, D).swapaxes(0, 1)  # K = sequence chunks
+  t_KxBxC = targets_BxT.reshape(B, n, c).swapaxes(0, 1)
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
-  def chunk_sums(h_BxCxD, t_BxC, w_BxC):
+  def chunk_logprobs(h_BxCxD, t_BxC):
     logits_BxCxV = logits_from_hidden(cfg, params, h_BxCxD)
     lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     vocab_V = jnp.arange(logits_BxCxV.shape[-1], dtype=t_BxC.dtype)
-    hit_BxCxV = vocab_V == t_BxC[..., None]
-    target_BxC = jnp.sum(jnp.where(hit_BxCxV, logits_BxCxV, 0.0), axis=-1)
-    nll = jnp.sum((lse_BxC - target_BxC) * w_BxC)
-    # argmax == target, written as "the target logit is the max" (ties count as hits; fine for a metric).
-    correct = jnp.sum((target_BxC >= jnp.max(logits_BxCxV, axis=-1)).astype(F32) * w_BxC)
-    return nll, correct
+    target_BxC = jnp.sum(jnp.where(vocab_V == t_BxC[..., None], logits_BxCxV, 0.0), axis=-1)
+    hit_BxC = jax.lax.stop_gradient(target_BxC >= jnp.max(logits_BxCxV, axis=-1))
+    return target_BxC - lse_BxC, hit_BxC
 
   if n == 1:  # one chunk: no loop (and a faster compile)
-    return chunk_sums(h_NxBxCxD[0], t_NxBxC[0], w_NxBxC[0])
+    logp_BxT, hit_BxT = chunk_logprobs(h_KxBxCxD[0], t_KxBxC[0])
+  else:
+    _, (logp_KxBxC, hit_KxBxC) = jax.lax.scan(lambda carry, xs: (carry, chunk_logprobs(*xs)), None,
+                                              (h_KxBxCxD, t_KxBxC))
+    logp_BxT = logp_KxBxC.swapaxes(0, 1).reshape(B, n * c)
+    hit_BxT = hit_KxBxC.swapaxes(0, 1).reshape(B, n * c)
+  return logp_BxT[:, :T].astype(F32), hit_BxT[:, :T]
 
-  def body(carry, xs):
-    nll, correct = chunk_sums(*xs)
-    return (carry[0] + nll, carry[1] + correct), None
 
-  (nll, correct), _ = jax.lax.scan(body, (jnp.zeros((), F32), jnp.zeros((), F32)), (h_NxBxCxD, t_NxBxC, w_NxBxC))
-  return nll, correct
+def token_logprobs(cfg: ModelConfig, params: Params, tokens_BxT: jax.Array, targets_BxT: jax.Array, *,
+                   positions_BxT: jax.Array | None = None, mask_BxT: jax.Array | None = None,
+                   chunk: int = 1024) -> jax.Array:
+  """log p(targets[b, t] | tokens[b, :t+1]) B×T fp32 under the full softmax, without a B×T×V array.
+
+  The shared log-probability of SFT (its loss is -logprobs * weights) and the RL update (policy and reference
+  log-probs of the sampled response). `mask_BxT` (1 = real token) and `positions_BxT` are the decoder's;
+  positions where the mask is 0 hold values the caller must weight out.
+  """
+  hidden_BxTxD = hidden_states(cfg, params, tokens_BxT, positions=positions_BxT, mask=mask_BxT)
+  return head_logprobs(cfg, params, hidden_BxTxD, jnp.asarray(targets_BxT), chunk=chunk)[0]
 
 
 def sft_loss(cfg: ModelConfig, params: Params, batch: Batch, *, logits_chunk: int = 1024):
   """Assistant-token cross-entropy as sums: (nll_sum, (loss_tokens, {"accuracy_sum": hits, "seq_tokens": n})).
 
-  batch: tokens, targets, weights, mask (B×T); weights[t] = 1 where target t is an assistant token.
+  batch: tokens, targets, weights, mask (B×T); weights[t] = 1 where target t is an assistant token. The same
+  computation as `token_logprobs` (one hidden-state pass, the chunked head), plus the argmax hits for accuracy.
   """
-  h = hidden_states(cfg, params, batch["tokens"], mask=batch["mask"])
-  weights = batch["weights"].astype(F32)
-  nll, correct = chunked_token_nll(cfg, params, h, batch["targets"], weights, logits_chunk)
-  return nll, (jnp.sum(weights), {"accuracy_sum": correct, "seq_tokens": jnp.sum(batch["mask"].astype(F32))})
+  hidden_BxTxD = hidden_states(cfg, params, batch["tokens"], mask=batch["mask"])
+  logp_BxT, hit_BxT = head_logprobs(cfg, params, hidden_BxTxD, batch["targets"], chunk=logits_chunk)
+  weights_BxT = batch["weights"].astype(F32)
+  nll = -jnp.sum(logp_BxT * weights_BxT)
+  correct = jnp.sum(hit_BxT.astype(F32) * weights_BxT)
+  return nll, (jnp.sum(weights_BxT), {"accuracy_sum": correct, "seq_tokens": jnp.sum(batch["mask"].astype(F32))})
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -146,12 +160,6 @@ def make_optimizer(cfg: ModelConfig, *, lr: float, total_steps: int, warmup_rati
 
 
 # ------------------------------------------------------------------------------------------------ sharding
-
-
-def param_shardings(cfg: ModelConfig, mesh, rules=shd.DEFAULT_RULES) -> Params:
-  is_axes = lambda x: isinstance(x, tuple) and all(isinstance(e, (str, type(None))) for e in x)
-  return jax.tree.map(lambda a, ax: shd.named_sharding(mesh, ax, a.shape, name="param", rules=rules),
-                      abstract_params(cfg), param_logical_axes(cfg), is_leaf=is_axes)
 
 
 def state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh, rules=shd.DEFAULT_RULES) -> State:
