@@ -40,16 +40,20 @@ def policy_user_message(problem: str) -> str:
 def policy_prompt_ids(tokenizer, problem: str, *, template: str = "chat") -> list[int]:
   """Prompt token ids for one problem.
 
-  template: "chat" renders the user message with the tokenizer's chat template and opens the assistant turn;
-  "plain" writes `User: <message>\\nAssistant:` as raw text (base models without a chat template, the way
-  format-SFT data for a base model is laid out).
+  template: "chat" renders our policy message with the tokenizer's chat template and opens the assistant
+  turn; "plain" writes `User: <message>\\nAssistant:` as raw text (base models without a chat template, the
+  way format-SFT data for a base model is laid out); "generator" sends the Stage I generator's message
+  through the chat template (a policy format-trained on that prompt, as the embedded world's is).
   """
+  if template == "generator":
+    from spark_jax.stage1.prompts import generator_prompt
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": generator_prompt(problem)}]))
   message = policy_user_message(problem)
   if template == "chat":
     return list(tokenizer.apply_chat_template([{"role": "user", "content": message}]))
   if template == "plain":
     return list(tokenizer.encode(f"User: {message}\nAssistant:"))
-  raise ValueError(f"policy template={template!r}; use 'chat' or 'plain'.")
+  raise ValueError(f"policy template={template!r}; use 'chat', 'plain' or 'generator'.")
 
 
 @dataclasses.dataclass(frozen=True)

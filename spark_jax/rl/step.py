@@ -39,9 +39,7 @@ from spark_jax import sharding as shd
 from spark_jax.models import ModelConfig
 from spark_jax.models import decoder
 from spark_jax.rl import advantages as adv_lib
-from spark_jax.rl import automata
 from spark_jax.rl import loss as loss_lib
-from spark_jax.rl import prm_prompt
 from spark_jax.sampling import core
 from spark_jax.train import step as train_step
 
@@ -280,6 +278,7 @@ def _correlation(x_N, y_N):
 def rollout_and_gate(policy_cfg: ModelConfig, settings: RolloutSettings, policy_params, tables: RewardTables,
                      prompt_tokens_BxP, prompt_lengths_B, key):
   """Rollouts, the gate on tokens, and the policy-side monitors (the first half of every reward)."""
+  from spark_jax.rl import automata
   B = prompt_tokens_BxP.shape[0]
   N = B * settings.group_size
   rollout_key, reward_key = jax.random.split(key)
@@ -300,6 +299,7 @@ def rollout_and_reward(policy_cfg: ModelConfig, prm_cfg: ModelConfig | None, set
                        policy_params, prm_params, tables: RewardTables, prompt_tokens_BxP, prompt_lengths_B,
                        problem_tokens_BxQ, problem_lengths_B, key) -> RolloutOutput:
   """The whole in-graph program for every reward type but `rlvr` (see `rlvr_advantages`). Traceable."""
+  from spark_jax.rl import automata, prm_prompt
   if settings.reward_type == "rlvr":
     raise ValueError("rollout_and_reward: reward 'rlvr' is graded on the host; use rollout_and_gate, grade, "
                      "then rlvr_advantages.")
@@ -421,7 +421,7 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
   def update(state, batch):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     grads = jax.lax.with_sharding_constraint(grads, sh["params"])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state["step"]), F32),
@@ -436,6 +436,7 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
 
 def make_reward_tables(tokenizer, settings: RolloutSettings, prm_tokenizer, vocab_size: int) -> RewardTables:
   """Builds the automata and the PRM template ids on the host, once per run (device arrays)."""
+  from spark_jax.rl import automata, prm_prompt
   token_bytes = tokenizer.token_bytes_table(vocab_size)
   special = tuple(tokenizer.special_ids) if hasattr(tokenizer, "special_ids") else ()
   gate = automata.build_gate(token_bytes, special)

@@ -1,0 +1,118 @@
+"""The GRPO step on tiny random models: the update (sharded vs one device, KL at the reference, the
+sampler/trainer log-prob gap) and the structure of the rollout-and-reward program (the PRM is inside it)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from spark_jax import models
+from spark_jax import sharding as shd
+from spark_jax.rl import step as rl_step
+from spark_jax.sampling import core
+from spark_jax.train import step as train_step
+
+B, G, P, R = 4, 4, 12, 10
+
+
+def _params(cfg, seed):
+  rng = np.random.default_rng(seed)  # numpy init: random.normal per leaf compiles slowly on CPU
+  params = jax.tree.map(lambda a: (rng.normal(size=a.shape) * 0.05).astype(np.float32), models.abstract_params(cfg))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: np.ones_like(x) if "scale" in jax.tree_util.keystr(p) else x, params)
+
+
+def _prompts(seed=0):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(4, P + 1, size=B).astype(np.int32)
+  tokens = np.zeros((B, P), np.int32)
+  for b, n in enumerate(lengths):
+    tokens[b, P - n:] = rng.integers(5, 500, size=n)
+  return tokens, lengths
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = models.get_preset("tiny-qwen2")
+  return cfg, _params(cfg, 0)
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny):
+  """Fixed T=1 rollouts of the tiny policy (no filters, fp32) with random advantages."""
+  cfg, params = tiny
+  pt, pl = _prompts()
+  keys = jax.random.split(jax.random.PRNGKey(1), B * G)
+  settings = core.SamplingParams(max_new_tokens=R, temperature=1.0, num_samples=G, stop_token_ids=(7,))
+  out = jax.jit(core.generate_core, static_argnums=(0, 5))(cfg, params, jnp.asarray(pt), jnp.asarray(pl), keys,
+                                                            settings)
+  rng = np.random.default_rng(2)
+  adv = rng.normal(size=(B * G,)).astype(np.float32)
+  mask = np.arange(R)[None, :] < np.asarray(out.lengths_N)[:, None]
+  return {"pt": pt, "pl": pl, "tokens": np.asarray(out.tokens_NxM), "lengths": np.asarray(out.lengths_N),
+          "sampler_lp": np.asarray(out.logprobs_NxM), "adv": np.where(mask, adv[:, None], 0.0).astype(np.float32)}
+
+
+def _update_curve(cfg, params, ro, mesh, settings, steps=3):
+  tx, sched = train_step.make_optimizer(cfg, lr=1e-2, total_steps=steps, warmup_ratio=0.0, schedule="constant")
+  with shd.use_mesh(mesh):
+    state = train_step.init_state(cfg, params, tx, mesh)
+    tokens, mask = rl_step.sequences(jnp.asarray(ro["pt"]), jnp.asarray(ro["pl"]), jnp.asarray(ro["tokens"]),
+                                     jnp.asarray(ro["lengths"]), G)
+    lp = rl_step.make_logprob_fn(cfg, mesh)(state["params"], tokens, mask, R)
+    update = rl_step.make_update_step(cfg, tx, sched, mesh, settings)
+    batch = {"tokens_NxT": tokens, "mask_NxT": mask, "old_logprobs_NxR": lp,
+             "advantages_NxR": jnp.asarray(ro["adv"]), "ref_logprobs_NxR": lp}
+    out = []
+    for _ in range(steps):
+      state, m = update(state, batch)
+      out.append((float(m["loss"]), float(m["grad_norm"]), float(m["kl"]), float(m["clip_frac"])))
+  return np.asarray(out), np.asarray(lp)
+
+
+def test_trainer_logprobs_match_the_sampler(tiny, rollouts):
+  """At T=1, no filters, fp32: the trainer's recomputed log-probs are the sampler's up to rounding."""
+  cfg, params = tiny
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  tokens, mask = rl_step.sequences(jnp.asarray(rollouts["pt"]), jnp.asarray(rollouts["pl"]),
+                                   jnp.asarray(rollouts["tokens"]), jnp.asarray(rollouts["lengths"]), G)
+  lp = np.asarray(rl_step.make_logprob_fn(cfg, mesh)(params, tokens, mask, R))
+  resp = np.arange(R)[None, :] < rollouts["lengths"][:, None]
+  assert resp.sum() > B * G  # real responses, not empty rows
+  gap = np.abs(lp - rollouts["sampler_lp"])[resp]
+  assert gap.max() <= 1e-3, gap.max()
+  assert np.all(lp[~resp] == 0.0)
+
+
+def test_sharded_update_matches_one_device(tiny, rollouts):
+  """The same fixed rollouts on one device and on a (data 2, fsdp 2, tensor 2) mesh: same losses to 1e-4."""
+  assert jax.device_count() == 8, "tests/conftest.py should give 8 fake CPU devices"
+  cfg, params = tiny
+  settings = rl_step.UpdateSettings(beta=0.01, logits_chunk=8)
+  one, _ = _update_curve(cfg, params, rollouts, shd.make_mesh({"data": 1}, devices=jax.devices()[:1]), settings)
+  eight, _ = _update_curve(cfg, params, rollouts, shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), settings)
+  np.testing.assert_allclose(eight, one, atol=1e-4, rtol=1e-4)
+  assert one[0, 2] == pytest.approx(0.0, abs=1e-7)  # first step: policy == reference
+  assert one[-1, 2] > 0  # the policy moved away from the reference
+  assert one[-1, 0] != one[0, 0]
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_kl_is_zero_when_policy_is_reference(tiny, rollouts, kl_type):
+  cfg, params = tiny
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  out, _ = _update_curve(cfg, params, rollouts, mesh, rl_step.UpdateSettings(beta=0.1, kl_type=kl_type), steps=1)
+  assert out[0, 2] == pytest.approx(0.0, abs=1e-7)
+  assert out[0, 3] == 0.0  # ratio 1 everywhere: nothing clipped
+
+
+def test_reward_type_and_settings_errors():
+  with pytest.raises(ValueError, match="reward.type='prm_magic'"):
+    rl_step.RolloutSettings(group_size=2, max_response=4, stop_token_ids=(), reward_type="prm_magic")
+  with pytest.raises(ValueError, match="adv_scale"):
+    rl_step.RolloutSettings(group_size=2, max_response=4, stop_token_ids=(), adv_scale="rank")
+  s = rl_step.RolloutSettings(group_size=2, max_response=4, stop_token_ids=(), reward_type="global_step",
+                              orm_prompt_bug=True)
+  assert s.prm_format == "orm"
+  assert rl_step.RolloutSettings(group_size=2, max_response=4, stop_token_ids=(),
+                                 reward_type="prm_cot_outcome", orm_prompt_bug=True).prm_format == "prm_cot"
