@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from spark_jax import models, sampling
+from spark_jax import models, sampling, sharding
 from spark_jax.sampling import core
 from spark_jax.sharding import make_mesh
 
@@ -357,11 +357,84 @@ def test_same_seed_same_output_whatever_the_batching(tiny_params):
   assert [[s.tokens for s in o] for o in a] != [[s.tokens for s in o] for o in c]
 
 
-def test_sharded_engine_matches_single_device(tiny_params, free16):
+def test_padding_rows_start_done_and_the_loop_stops_with_the_real_rows(tiny_params):
+  """3 prompts in a 4-prompt batch: the padding row must not keep the decode loop running to max_new_tokens."""
+  real = PROMPTS4[:3]
+  # The engine's padding prompt is one token of id 0; here it is a real prompt, to see how long it would run.
+  free_out = sampling.generate(TINY, tiny_params, real + [[0]], max_new_tokens=64, max_batch_rows=4)
+  free = [o[0].tokens for o in free_out]
+  stops = sorted({f[1] for f in free[:3]})
+
+  def stop_at(tokens):
+    return next((k + 1 for k, t in enumerate(tokens) if t in stops), len(tokens))
+
+  real_steps = max(stop_at(f) for f in free[:3])
+  assert real_steps <= 2
+  assert stop_at(free[3]) > 10, "the padding row should run on without the fix (pick other prompts)"
+  engine = sampling.SamplingEngine(TINY, tiny_params, max_batch_rows=4, progress=False)
+  out = engine.generate(real, core.SamplingParams(max_new_tokens=64, stop_token_ids=tuple(stops)))
+  assert [o[0].tokens for o in out] == [f[:stop_at(f)] for f in free[:3]]
+  for o, f, ref in zip(out, free, free_out):
+    np.testing.assert_allclose(o[0].logprobs, ref[0].logprobs[:stop_at(f)], atol=1e-5)
+  assert engine.stats == sampling.SamplingStats(batches=1, rows=4, padding_rows=1, steps=real_steps)
+
+
+def test_plan_batches_keeps_padding_small_on_a_mesh():
+  # 4 prompts x 16 samples on 8 row shards: one batch of 4 prompts (8 rows per device), no padding prompt.
+  assert sampling.plan_batches(4, 16, 64, 8) == [(4, 4)]
+  assert sampling.plan_batches(10, 16, 64, 8) == [(4, 4), (4, 4), (2, 2)]
+  # One sample per prompt: batches are multiples of the 8 shards; the last one rounds up to 8 x a power of 2.
+  assert sampling.plan_batches(100, 1, 64, 8) == [(64, 64), (36, 64)]
+  assert sampling.plan_batches(5, 1, 64, 8) == [(5, 8)]
+  # 3 samples: 8 prompts (24 rows) is the smallest batch that splits over 8 shards, even past max_batch_rows.
+  assert sampling.plan_batches(20, 3, 64, 8) == [(16, 16), (4, 8)]
+  assert sampling.plan_batches(3, 3, 16, 8) == [(3, 8)]
+  # One device: full batches hold max_batch_rows // num_samples prompts exactly (no power-of-2 rounding).
+  assert sampling.plan_batches(7, 5, 64, 1) == [(7, 8)]
+  assert sampling.plan_batches(30, 5, 64, 1) == [(12, 12), (12, 12), (6, 8)]
+  assert sampling.plan_batches(3, 1, 4, 1) == [(3, 4)]
+  assert sampling.plan_batches(0, 1, 4, 1) == []
+  with pytest.raises(ValueError, match="num_samples=0"):
+    sampling.plan_batches(3, 0, 4, 1)
+
+
+def test_sharded_engine_matches_single_device_with_few_prompts_per_shard(tiny_params):
+  """2 prompts x 8 samples over 4 row shards: one 16-row batch (prompt arrays replicated, rows sharded), no
+  padding, the same samples as on one device; new params of the same shapes reuse the compiled program."""
   assert len(jax.devices()) == 8, "tests/conftest.py should provide 8 fake CPU devices"
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  sharded = sampling.generate(TINY, tiny_params, PROMPTS4, max_new_tokens=16, mesh=mesh)
-  assert free16 == [o[0].tokens for o in sharded]
+  settings = core.SamplingParams(max_new_tokens=6, temperature=1.0, num_samples=8)
+  engine = sampling.SamplingEngine(TINY, tiny_params, mesh=mesh, max_batch_rows=16, progress=False)
+  sharded = engine.generate(PROMPTS4[:2], settings, seed=3)
+  assert engine.stats.rows == 16 and engine.stats.padding_rows == 0
+  single = sampling.SamplingEngine(TINY, tiny_params, max_batch_rows=16, progress=False).generate(
+      PROMPTS4[:2], settings, seed=3)
+  assert [[s.tokens for s in o] for o in sharded] == [[s.tokens for s in o] for o in single]
+  assert len({tuple(s.tokens) for s in sharded[0]}) > 1, "samples of one prompt should differ"
+  # Other weights (host arrays, laid out by the engine) through the same program.
+  before = sampling.compiled_program_count()
+  other = engine.generate(PROMPTS4[:2], settings, seed=3,
+                          params=jax.device_get(models.init_params(TINY, seed=4, std=0.3)))
+  assert sampling.compiled_program_count() == before
+  assert [[s.tokens for s in o] for o in other] != [[s.tokens for s in o] for o in sharded]
+
+
+def test_new_params_reuse_the_compiled_program(tiny_params):
+  other_params = models.init_params(TINY, seed=4, std=0.3)
+  engine = sampling.SamplingEngine(TINY, None, max_batch_rows=4, progress=False)
+  settings = core.SamplingParams(max_new_tokens=4)
+  with pytest.raises(ValueError, match="must pass params"):
+    engine.generate(PROMPTS4, settings)
+  before = sampling.compiled_program_count()
+  a = engine.generate(PROMPTS4, settings, params=tiny_params)
+  b = engine.generate(PROMPTS4, settings, params=other_params)
+  assert sampling.compiled_program_count() - before <= 1  # 0 if another test compiled this shape already
+  assert [o[0].tokens for o in a] != [o[0].tokens for o in b]
+  assert [o[0].tokens for o in b] == [o[0].tokens for o in sampling.generate(TINY, other_params, PROMPTS4,
+                                                                               max_new_tokens=4)]
+  bad = {**tiny_params, "embed": tiny_params["embed"][:, :8]}
+  with pytest.raises(ValueError, match=r"params\['embed'\] has shape \(512, 8\)"):
+    engine.generate(PROMPTS4, settings, params=bad)
 
 
 def test_mixed_length_job_compiles_a_handful_of_programs(tiny_params):
@@ -414,18 +487,62 @@ def test_core_requires_a_stop_table_for_stop_strings(tiny_params):
                        jax.random.split(jax.random.PRNGKey(0), 1), settings)
 
 
-def test_core_traces_inside_an_outer_jit(tiny_params):
-  """The GRPO step calls the core from its own jit with the policy's (and the PRM's) params."""
-  settings = core.SamplingParams(max_new_tokens=5, temperature=1.0, num_samples=2)
+def _repack_left(tokens_NxM, lengths_N):
+  """Right-padded generated rows -> left-padded prompts (in-graph, as the RL step feeds rollouts to its PRM)."""
+  M = tokens_NxM.shape[1]
+  source_NxM = jnp.arange(M)[None, :] - (M - lengths_N)[:, None]
+  gathered = jnp.take_along_axis(tokens_NxM, jnp.clip(source_NxM, 0, M - 1), axis=1)
+  return jnp.where(source_NxM >= 0, gathered, 0)
+
+
+def test_core_called_twice_inside_an_outer_jit_under_a_mesh_equals_separate_calls(tiny_params):
+  """The GRPO step's shape: policy rollouts, then a PRM call on them, in one jit with both params traced."""
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rollout = core.SamplingParams(max_new_tokens=5, temperature=1.0, num_samples=2)
+  verify = core.SamplingParams(max_new_tokens=3, stop_token_ids=(7,))
+  from spark_jax.models.load import shard_params
+  policy = shard_params(TINY, tiny_params, mesh)
+  prm = shard_params(TINY, models.init_params(TINY, seed=5, std=0.3), mesh)
+  tokens, lengths = jnp.asarray([[0] * 4 + PROMPTS4[0], [0] * 2 + PROMPTS4[1]]), jnp.asarray([4, 6])
+  keys = jax.random.split(jax.random.PRNGKey(0), 8)
+  active = jnp.asarray([True, True, True, False])  # prompt 1's second sample is padding
+
+  def policy_call(params, tokens, lengths, keys, active):
+    return core.generate_core(TINY, params, tokens, lengths, keys[:4], rollout, row_active_N=active)
+
+  def prm_call(params, out, keys):
+    # Rows that generated nothing (inactive) get a one-token prompt and stay inactive.
+    return core.generate_core(TINY, params, _repack_left(out.tokens_NxM, out.lengths_N),
+                              jnp.maximum(out.lengths_N, 1), keys[4:], verify, row_active_N=out.lengths_N > 0)
 
   @jax.jit
-  def rollout_and_score(policy_params, prm_params, tokens, lengths, keys):
-    out = core.generate_core(TINY, policy_params, tokens, lengths, keys, settings)
-    verify = core.generate_core(TINY, prm_params, tokens, lengths, keys[:2],
-                                core.SamplingParams(max_new_tokens=1))
-    return out.tokens_NxM, out.logprobs_NxM.sum(-1), verify.tokens_NxM
+  def step(policy, prm, tokens, lengths, keys, active):
+    out = policy_call(policy, tokens, lengths, keys, active)
+    return out, prm_call(prm, out, keys)
 
-  tokens, lp, verify = rollout_and_score(tiny_params, models.init_params(TINY, seed=5), jnp.ones((2, 8), jnp.int32),
-                                         jnp.array([8, 3]), jax.random.split(jax.random.PRNGKey(0), 4))
-  assert tokens.shape == (4, 5) and lp.shape == (4,) and verify.shape == (2, 1)
-  assert np.all(np.isfinite(np.asarray(lp))) and math.isfinite(float(lp.sum()))
+  with sharding.use_mesh(mesh):
+    fused_out, fused_ver = jax.device_get(step(policy, prm, tokens, lengths, keys, active))
+    out = jax.jit(policy_call)(policy, tokens, lengths, keys, active)
+    ver = jax.device_get(jax.jit(prm_call)(prm, out, keys))
+    out = jax.device_get(out)
+    none_out, none_ver = jax.device_get(step(policy, prm, tokens, lengths, keys, jnp.zeros(4, jnp.bool_)))
+  for fused, separate in [(fused_out, out), (fused_ver, ver)]:
+    np.testing.assert_array_equal(fused.tokens_NxM, separate.tokens_NxM)
+    np.testing.assert_array_equal(fused.lengths_N, separate.lengths_N)
+    np.testing.assert_array_equal(fused.finish_N, separate.finish_N)
+    np.testing.assert_allclose(fused.logprobs_NxM, separate.logprobs_NxM, atol=1e-5)
+    assert int(fused.steps) == int(separate.steps) == int(fused.lengths_N.max())
+  # The inactive row: nothing generated, and neither call ran a step for it.
+  np.testing.assert_array_equal(fused_out.lengths_N, [5, 5, 5, 0])
+  for o in (fused_out, fused_ver):
+    assert o.finish_N[3] == core.FINISH_INACTIVE and not o.tokens_NxM[3].any() and not o.logprobs_NxM[3].any()
+  assert fused_ver.lengths_N[:3].min() >= 1
+  assert int(none_out.steps) == int(none_ver.steps) == 0 and not none_out.lengths_N.any()
+  assert (none_out.finish_N == core.FINISH_INACTIVE).all()
+
+
+def test_core_rejects_a_row_active_of_the_wrong_size(tiny_params):
+  with pytest.raises(ValueError, match=r"row_active_N has shape \(3,\); need one flag per decode row: \(2,\)"):
+    core.generate_core(TINY, tiny_params, jnp.ones((1, 4), jnp.int32), jnp.array([4]),
+                       jax.random.split(jax.random.PRNGKey(0), 2), core.SamplingParams(max_new_tokens=2, num_samples=2),
+                       row_active_N=jnp.ones(3, jnp.bool_))

@@ -41,7 +41,9 @@ from spark_jax.sharding import constrain
 
 F32 = jnp.float32
 
-# Finish codes of `CoreOutput.finish_N`; code FINISH_STOP_STRING + j means stop string j.
+# Finish codes of `CoreOutput.finish_N`; code FINISH_STOP_STRING + j means stop string j. FINISH_INACTIVE marks
+# a row that `row_active_N` switched off: it never ran (length 0), so it has no other reason to report.
+FINISH_INACTIVE = -1
 FINISH_LENGTH = 0
 FINISH_STOP_TOKEN = 1
 FINISH_STOP_STRING = 2
@@ -127,12 +129,15 @@ def make_stop_table(token_bytes: Sequence[bytes], vocab_size: int) -> StopTable:
 @dataclasses.dataclass
 class CoreOutput:
   """Per decode row (N = prompts x num_samples, prompt-major): generated ids (0 past the end), their full-
-  softmax log-probs (0 past the end), how many tokens each row generated, and a finish code."""
+  softmax log-probs (0 past the end), how many tokens each row generated, and a finish code; plus `steps`,
+  the int32 scalar count of token positions the call sampled (the prefill's token and one per decode step):
+  the longest active row's length, or 0 when no row is active. Steps past it were never run."""
 
   tokens_NxM: jax.Array
   logprobs_NxM: jax.Array
   lengths_N: jax.Array
   finish_N: jax.Array
+  steps: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------- filters
@@ -319,7 +324,8 @@ def _step_keys(row_keys_N, step):
 
 def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: jax.Array,
                   prompt_lengths_B: jax.Array, row_keys_N: jax.Array, settings: SamplingParams,
-                  stop_table: StopTable | None = None, *, unstack_layers: bool | None = None) -> CoreOutput:
+                  stop_table: StopTable | None = None, *, row_active_N: jax.Array | None = None,
+                  unstack_layers: bool | None = None) -> CoreOutput:
   """Samples `settings.num_samples` continuations of each left-padded prompt; traceable inside `jit`.
 
   Args:
@@ -331,6 +337,10 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
       with fold_in(row_keys_N[r], i), so a row's samples depend on its key only, not on its batch.
     settings: static sampling settings.
     stop_table: token -> bytes table; required iff settings.stop_strings.
+    row_active_N: bool per decode row (default: all True). A False row starts done: it emits nothing (length 0,
+      tokens and log-probs 0, finish FINISH_INACTIVE) and does not keep the loop running, which exits as soon
+      as every active row is done. For rows that only fill a batch's shape (padding prompts, rows that failed
+      a gate); their prompt tokens and keys are still read but never reach an output.
     unstack_layers: decode with per-layer weights and cache buffers (an unrolled layer loop) instead of a
       `lax.scan` over stacked ones. On CPU this avoids copying every layer's weights out of the stack each
       step (about 2x faster decode) at the cost of one extra copy of the layer weights per call and a longer
@@ -349,6 +359,12 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
   if row_keys_N.shape[0] != N:
     raise ValueError(f"row_keys_N has {row_keys_N.shape[0]} keys; need one per decode row: {B} prompts x "
                      f"num_samples={ns} = {N}.")
+  if row_active_N is None:
+    row_active_N = jnp.ones((N,), jnp.bool_)
+  elif row_active_N.shape != (N,):
+    raise ValueError(f"row_active_N has shape {row_active_N.shape}; need one flag per decode row: ({N},) = {B} "
+                     f"prompts x num_samples={ns}.")
+  active_N = row_active_N.astype(jnp.bool_)
   S = P + M
   lengths_B = prompt_lengths_B.astype(jnp.int32)
   mask_BxP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
@@ -377,11 +393,12 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
   state = _State(
       step=jnp.int32(0), cache=cache, last_N=jnp.zeros((N,), jnp.int32),
       tokens_NxM=jnp.zeros((N, M), jnp.int32), logprobs_NxM=jnp.zeros((N, M), F32),
-      done_N=jnp.zeros((N,), jnp.bool_), finish_N=jnp.full((N,), FINISH_LENGTH, jnp.int32),
+      done_N=~active_N, finish_N=jnp.where(active_N, FINISH_LENGTH, FINISH_INACTIVE).astype(jnp.int32),
       lengths_N=jnp.zeros((N,), jnp.int32), window_NxW=window)
   tok_N, lp_N = sample_tokens(logits_Bx1xV[:, 0], _step_keys(row_keys_N, 0), settings)
   state = _record(state, 0, tok_N, lp_N, settings, stop_table)
-  state = dataclasses.replace(state, step=jnp.int32(1))
+  # The prefill's token counts as a step only if some row takes it; decode steps follow while any row runs.
+  state = dataclasses.replace(state, step=jnp.any(active_N).astype(jnp.int32))
   ones_Nx1 = jnp.ones((N, 1), jnp.bool_)
   decode_params = params
   if unstack_layers is None:
@@ -405,4 +422,4 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
     return dataclasses.replace(s, step=s.step + 1)
 
   state = jax.lax.while_loop(cond, body, state)
-  return CoreOutput(state.tokens_NxM, state.logprobs_NxM, state.lengths_N, state.finish_N)
+  return CoreOutput(state.tokens_NxM, state.logprobs_NxM, state.lengths_N, state.finish_N, state.step)

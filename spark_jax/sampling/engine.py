@@ -5,6 +5,22 @@ decode rows, each batch left-padded to a bucketed prompt length and a bucketed p
 compiles a handful of programs (`compiled_program_count()` counts them process-wide). Results come back in
 the original prompt order.
 
+Batch sizes (`plan_batches`). On a mesh the decode rows split evenly over the R = data x fsdp row shards, so a
+batch holds a multiple of g = R / gcd(R, num_samples) prompts: the fewest whose rows fill every shard
+equally. A full batch holds the most such prompts whose rows fit `max_batch_rows` (at least g: when g prompts'
+rows already exceed it, the batch holds those g). The last, partial batch rounds its prompt count up to g
+times a power of two, so a job compiles few batch shapes. Padding prompts exist only there, and their rows
+start done (`generate_core(row_active_N=...)`): they cost a prefill and ride along in each decode step's
+shapes, but never keep the loop running. Example: 4 prompts x 16 samples on 8 row shards is one batch of 4
+prompts (64 rows, 8 per device), not 8 prompts of which half are padding. When a batch's prompt count does
+not divide over the R shards, its prompt arrays (and the prefill over them) are replicated while its decode
+rows stay sharded.
+
+Parameters. `generate(..., params=...)` runs with other parameters of the same shapes and dtypes (the RL
+policy after each update) through the same compiled programs: on a mesh they are laid out with
+`models.load.param_shardings` (free when they already are), and the program key holds their shapes, dtypes
+and shardings, never their values.
+
 Reproducibility: prompt i's sample s draws from fold_in(fold_in(PRNGKey(seed), i), s), i being the prompt's
 index in the caller's list. Batching, sorting and padding therefore never change which random numbers a row
 sees: the same seed gives the same samples whatever `max_batch_rows` is (up to float rounding of the logits
@@ -24,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from spark_jax import sharding as shd
-from spark_jax.models import decoder
+from spark_jax.models import decoder, load
 from spark_jax.models.config import ModelConfig
 from spark_jax.sampling import core
 
@@ -50,7 +66,19 @@ class Sample:
   stop: int | str | bytes | None = None
 
 
-# Compiled programs, process-wide: (cfg, settings, batch prompts, prompt bucket, table shape, mesh, unstack).
+@dataclasses.dataclass
+class SamplingStats:
+  """Running totals of an engine's batches: decode rows launched (padding included), rows that were padding,
+  and sampled token positions (`CoreOutput.steps`, summed over batches: the decode loop's trip count)."""
+
+  batches: int = 0
+  rows: int = 0
+  padding_rows: int = 0
+  steps: int = 0
+
+
+# Compiled programs, process-wide: (cfg, settings, batch prompts, prompt bucket, table shape, mesh, params
+# signature).
 _PROGRAMS: dict[tuple, Any] = {}
 _COMPILE_SECONDS: dict[tuple, float] = {}
 
@@ -89,20 +117,43 @@ def _row_keys(seed: int, prompt_indices: np.ndarray, num_samples: int) -> np.nda
   return np.asarray(per_row).reshape(len(prompt_indices) * num_samples, -1)
 
 
+def plan_batches(num_prompts: int, num_samples: int, max_batch_rows: int, row_multiple: int = 1
+                 ) -> list[tuple[int, int]]:
+  """(prompts taken from the job, prompts in the batch's shape) for each batch, in order; see the module docstring.
+
+  `row_multiple` is the number of row shards (data x fsdp); every batch's rows (prompts in the shape x
+  num_samples) are a multiple of it.
+  """
+  if num_prompts < 0 or num_samples <= 0 or max_batch_rows <= 0 or row_multiple <= 0:
+    raise ValueError(f"plan_batches(num_prompts={num_prompts}, num_samples={num_samples}, max_batch_rows="
+                     f"{max_batch_rows}, row_multiple={row_multiple}): counts must be positive (prompts >= 0).")
+  granule = row_multiple // math.gcd(row_multiple, num_samples)
+  full = max(granule, (max_batch_rows // num_samples) // granule * granule)
+  plan = []
+  for start in range(0, num_prompts, full):
+    n = min(full, num_prompts - start)
+    plan.append((n, min(full, granule * _next_pow2(-(-n // granule)))))
+  return plan
+
+
 class SamplingEngine:
-  """Runs sampling jobs for one model: params placed once (sharded over `mesh` if given), programs cached.
+  """Runs sampling jobs for one model architecture: programs cached, parameters an argument of every call.
 
   Args:
     cfg: the model config.
-    params: the model's params (stacked layers, as `init_params` / `from_pretrained` return them).
+    params: default params of every call (stacked layers, as `init_params` / `from_pretrained` return them);
+      None: every call passes its own.
     mesh: optional (data, fsdp, tensor) mesh; decode rows shard over ("data", "fsdp"), weights by
-      `param_logical_axes`.
-    max_batch_rows: decode rows (prompts x num_samples) per batch at most.
+      `models.load.param_shardings`.
+    max_batch_rows: decode rows (prompts x num_samples) per batch at most (see the module docstring for the
+      one case that exceeds it).
     prompt_buckets: allowed padded prompt lengths; default: powers of two from 16.
     progress: show a tqdm bar (prompts done, generated tokens/s, ETA).
+
+  `stats` (a `SamplingStats`) accumulates over calls.
   """
 
-  def __init__(self, cfg: ModelConfig, params: decoder.Params, *, mesh: Mesh | None = None,
+  def __init__(self, cfg: ModelConfig, params: decoder.Params | None, *, mesh: Mesh | None = None,
                max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, prompt_buckets: Sequence[int] | None = None,
                progress: bool = True):
     if max_batch_rows <= 0:
@@ -114,24 +165,39 @@ class SamplingEngine:
     self.max_batch_rows = int(max_batch_rows)
     self.prompt_buckets = tuple(sorted(prompt_buckets)) if prompt_buckets else None
     self.progress = progress
-    if mesh is not None:
-      axes = decoder.param_logical_axes(cfg)
-      shardings = jax.tree.map(
-          lambda a, x: shd.named_sharding(mesh, a, np.shape(x), name="params"), axes, params,
-          is_leaf=lambda a: isinstance(a, tuple))
-      params = jax.device_put(params, shardings)
-    self.params = params
     self._row_multiple = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    self._param_shardings = None if mesh is None else load.param_shardings(cfg, mesh)
+    self.params = None if params is None else self.place_params(params)
+    self.stats = SamplingStats()
+
+  def place_params(self, params: decoder.Params) -> decoder.Params:
+    """`params` as the programs take them: on the mesh by `param_shardings` (a no-op for params already laid
+    out so), else as device arrays. Errors name the first leaf whose shape or structure does not fit `cfg`."""
+    expected = decoder.abstract_params(self.cfg)
+    if jax.tree.structure(params) != jax.tree.structure(expected):
+      raise ValueError("params do not have the tree structure of the model config's parameters (stacked layers, "
+                       "as init_params / from_pretrained return them); got "
+                       f"{sorted(params) if isinstance(params, dict) else type(params).__name__} at the top level.")
+    for (path, leaf), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
+      if tuple(np.shape(leaf)) != tuple(want.shape):
+        raise ValueError(f"params{jax.tree_util.keystr(path)} has shape {tuple(np.shape(leaf))}; the model config "
+                         f"needs {tuple(want.shape)}.")
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, params)
+    return jax.device_put(params, self._param_shardings)
 
   # ------------------------------------------------------------------------------------------ programs
 
   def _program(self, settings: core.SamplingParams, batch: int, length: int, table_shape, args):
-    key = (self.cfg, settings, batch, length, table_shape, self.mesh)
+    params = args[0]
+    signature = (jax.tree.structure(params),
+                 tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(params)))
+    key = (self.cfg, settings, batch, length, table_shape, self.mesh, signature)
     if key not in _PROGRAMS:
       cfg = self.cfg
 
-      def run(params, tokens, lengths, keys, table):
-        return core.generate_core(cfg, params, tokens, lengths, keys, settings, table)
+      def run(params, tokens, lengths, keys, active, table):
+        return core.generate_core(cfg, params, tokens, lengths, keys, settings, table, row_active_N=active)
 
       t0 = time.perf_counter()
       with shd.use_mesh(self.mesh):
@@ -140,8 +206,11 @@ class SamplingEngine:
     return _PROGRAMS[key]
 
   def _place_rows(self, x: np.ndarray) -> jax.Array:
+    """Shards dimension 0 over the row shards when it divides evenly, else replicates (see plan_batches)."""
     if self.mesh is None:
       return jnp.asarray(x)
+    if x.shape[0] % self._row_multiple:
+      return jax.device_put(x, shd.replicated(self.mesh))
     spec = PartitionSpec(("data", "fsdp"), *([None] * (x.ndim - 1)))
     return jax.device_put(x, NamedSharding(self.mesh, spec))
 
@@ -153,8 +222,9 @@ class SamplingEngine:
   # ------------------------------------------------------------------------------------------------ run
 
   def generate(self, prompts: Sequence[Sequence[int]], settings: core.SamplingParams, *, seed: int = 0,
-               prompt_indices: Sequence[int] | None = None, token_bytes: Sequence[bytes] | None = None,
-               stop_labels: Sequence[str | bytes] | None = None) -> list[list[Sample]]:
+               prompt_indices: Sequence[int] | None = None, params: decoder.Params | None = None,
+               token_bytes: Sequence[bytes] | None = None, stop_labels: Sequence[str | bytes] | None = None
+               ) -> list[list[Sample]]:
     """Samples `settings.num_samples` continuations per prompt; returns them in the prompts' order.
 
     Args:
@@ -163,10 +233,19 @@ class SamplingEngine:
       seed: the job's seed (see the module docstring for how rows derive their keys).
       prompt_indices: a global index per prompt (e.g. its row in the job's input); row keys fold in this index,
         so a prompt's samples do not depend on which batch, shard or process it lands in. Default 0..n-1.
+      params: this call's parameters (None: the engine's own). Same shapes and dtypes as before reuse the
+        compiled programs (see the module docstring).
       token_bytes: bytes of each token id (e.g. `Tokenizer.token_bytes_table()`); needed for stop strings.
       stop_labels: how to report each of settings.stop_strings in `Sample.stop` (default: the bytes).
     """
     cfg = self.cfg
+    if params is None:
+      if self.params is None:
+        raise ValueError("SamplingEngine.generate: this engine was built with params=None, so every call must pass "
+                         "params=...")
+      params = self.params
+    else:
+      params = self.place_params(params)
     prompts = _validate_prompts(prompts, cfg, settings.max_new_tokens)
     if prompt_indices is None:
       prompt_indices = range(len(prompts))
@@ -182,9 +261,11 @@ class SamplingEngine:
       table = self._place_replicated(core.make_stop_table(token_bytes, cfg.vocab_size))
     labels = list(stop_labels) if stop_labels is not None else list(settings.stop_strings)
     ns = settings.num_samples
-    per_batch = max(1, self.max_batch_rows // ns)
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    chunks = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+    chunks, start = [], 0
+    for taken, batch in plan_batches(len(prompts), ns, self.max_batch_rows, self._row_multiple):
+      chunks.append((order[start:start + taken], batch))
+      start += taken
     results: list[list[Sample] | None] = [None] * len(prompts)
 
     bar = None
@@ -194,14 +275,19 @@ class SamplingEngine:
     t_start, generated = time.perf_counter(), 0
     pending = None  # (chunk, outputs): fetch one batch while the next one runs
     try:
-      for chunk in chunks + [None]:
+      for planned in chunks + [None]:
         launched = None
-        if chunk is not None:
-          launched = (chunk, self._launch(chunk, prompts, prompt_indices, settings, seed, table, per_batch))
+        if planned is not None:
+          chunk, batch = planned
+          launched = (chunk, self._launch(params, chunk, batch, prompts, prompt_indices, settings, seed, table))
+          self.stats.batches += 1
+          self.stats.rows += batch * ns
+          self.stats.padding_rows += (batch - len(chunk)) * ns
         if pending is not None:
           done_chunk, out = pending
-          tokens, logprobs, lengths, finish = jax.device_get(
-              (out.tokens_NxM, out.logprobs_NxM, out.lengths_N, out.finish_N))
+          tokens, logprobs, lengths, finish, steps = jax.device_get(
+              (out.tokens_NxM, out.logprobs_NxM, out.lengths_N, out.finish_N, out.steps))
+          self.stats.steps += int(steps)
           for j, idx in enumerate(done_chunk):
             results[idx] = [
                 _to_sample(tokens[r], logprobs[r], int(lengths[r]), int(finish[r]), settings, labels)
@@ -216,22 +302,22 @@ class SamplingEngine:
         bar.close()
     return results  # type: ignore[return-value]
 
-  def _launch(self, chunk, prompts, prompt_indices, settings: core.SamplingParams, seed: int, table,
-              per_batch: int):
+  def _launch(self, params, chunk, batch: int, prompts, prompt_indices, settings: core.SamplingParams, seed: int,
+              table):
     ns = settings.num_samples
     length = bucket_length(max(len(prompts[i]) for i in chunk), self.prompt_buckets)
-    batch = min(_next_pow2(len(chunk)), _next_pow2(per_batch))
-    batch = int(math.ceil(batch / self._row_multiple) * self._row_multiple)
     tokens = np.zeros((batch, length), np.int32)
-    lengths = np.ones((batch,), np.int32)  # padding prompts: one token, results dropped
+    lengths = np.ones((batch,), np.int32)  # padding prompts: one token; their rows start done
     indices = np.zeros((batch,), np.int64)
+    active = np.repeat(np.arange(batch) < len(chunk), ns)
     for j, i in enumerate(chunk):
       p = prompts[i]
       tokens[j, length - len(p):] = p
       lengths[j] = len(p)
       indices[j] = prompt_indices[i]
     keys = _row_keys(seed, indices, ns)
-    args = (self.params, self._place_rows(tokens), self._place_rows(lengths), self._place_rows(keys), table)
+    args = (params, self._place_rows(tokens), self._place_rows(lengths), self._place_rows(keys),
+            self._place_rows(active), table)
     table_shape = None if table is None else tuple(table.bytes_VxW.shape)
     program = self._program(settings, batch, length, table_shape, args)
     return program(*args)
