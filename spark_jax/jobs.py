@@ -18,6 +18,7 @@ JOBS = {
     "stage1": "spark_jax.stage1.jobs:run_stage1",
     "sft": "spark_jax.train.loop:run_sft",
     "processbench": "spark_jax.evals.processbench_job:run_processbench",
+    "demo": "spark_jax.world.demo:run_demo",
     "rl": "spark_jax.rl.loop:run_rl",
     "grid": "spark_jax.grid:run_grid",
 }

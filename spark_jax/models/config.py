@@ -124,6 +124,13 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-llama": _preset(family="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                           num_heads=4, num_kv_heads=1, head_dim=16, rope_theta=1e5, rms_norm_eps=1e-5,
                           tie_embeddings=True, max_position_embeddings=1024),
+    # The embedded world's models (spark_jax/world): the vocabulary of its tokenizer, eos = <|im_end|>.
+    "world-tiny": _preset(family="llama", vocab_size=512, hidden_size=64, intermediate_size=256, num_layers=2,
+                          num_heads=4, num_kv_heads=4, head_dim=16, rope_theta=1e4, tie_embeddings=True,
+                          max_position_embeddings=1024, eos_token_id=2),
+    "world-small": _preset(family="llama", vocab_size=512, hidden_size=128, intermediate_size=512, num_layers=4,
+                           num_heads=4, num_kv_heads=4, head_dim=32, rope_theta=1e4, tie_embeddings=True,
+                           max_position_embeddings=1024, eos_token_id=2),
 }
 
 

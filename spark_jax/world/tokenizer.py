@@ -12,7 +12,8 @@ Vocabulary (`WORLD_VOCAB` ids, deterministic for a given code version):
     (generator, verifier with and without reference, critic, merger, reward-model prompts), found by
     rendering those functions around sentinel inputs. The prompts stay byte for byte the project's, but a
     tiny model attends over the problem and the solution instead of a thousand tokens of constant prose;
-  * byte-level BPE for the rest, digits split one per token (arithmetic reads digit by digit).
+  * the verdict markers of `spark_jax.text.rm` (step markers, the final verdict question) as single tokens;
+  * byte-level BPE for the rest.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import os
 import random
 from pathlib import Path
 
+from spark_jax.text.rm import FINAL_VERDICT_QUESTION, STEP_CORRECT_MARKER, STEP_INCORRECT_MARKER
 from spark_jax.world import task as task_lib
 
 WORLD_VOCAB = 512
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", task_lib.THINK_OPEN, task_lib.THINK_CLOSE)
 TAG_TOKENS = (task_lib.STEP_OPEN, task_lib.STEP_CLOSE, task_lib.ANSWER_OPEN, task_lib.ANSWER_CLOSE)
+MARKER_TOKENS = (STEP_CORRECT_MARKER, STEP_INCORRECT_MARKER, f"**{FINAL_VERDICT_QUESTION} ")
 _MIN_SEGMENT_CHARS = 12
 _SENTINEL = "\x00{}\x00"
-_VERSION = 1
+_VERSION = 2
 
 
 def prompt_segments() -> list[str]:
@@ -69,14 +72,13 @@ def build_tokenizer_json() -> str:
   from tokenizers import Tokenizer as RawTokenizer
   from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
   segments = prompt_segments()
-  extra = list(TAG_TOKENS) + segments
+  extra = list(TAG_TOKENS) + list(MARKER_TOKENS) + segments
   bpe_size = WORLD_VOCAB - len(extra)
   if bpe_size < 256 + len(SPECIAL_TOKENS) + 64:
     raise ValueError(f"the project's prompts have {len(segments)} constant segments, which leaves only {bpe_size} "
                      f"of WORLD_VOCAB={WORLD_VOCAB} ids to the byte-level BPE; raise WORLD_VOCAB.")
   raw = RawTokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-  raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                               pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   raw.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=bpe_size, min_frequency=2, show_progress=False,
                                 special_tokens=[AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS],

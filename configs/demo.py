@@ -1,0 +1,79 @@
+"""The embedded demo: SPARK's whole pipeline on a toy arithmetic world, on CPU, with nothing to download.
+
+  python -m spark_jax.main --config=configs/demo.py                      # the full demo (<= 10 min, 2 cores)
+  python -m spark_jax.main --config=configs/demo.py --config.quick=True  # the CI size (<= 3 min)
+  python -m spark_jax.main --config=configs/demo.py --config.workdir=/tmp/demo
+
+Stages (each in a subdirectory of `workdir`, each skipped when its summary.json is there, each job inside
+resumable): bootstrap (world tokenizer, tiny generator and verifier trained with the SFT job) -> stage1 (the
+Stage I jobs on world problems) -> stage2 (PRM / PRM-CoT SFT per data variant) -> processbench (held-out
+ProcessBench-style F1 per trained PRM and for the untrained baselines) -> report.md. The world, the
+models and every size are fields below; `quick=True` replaces the fields listed in `quick_settings`.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import common
+
+
+def _sft(num_steps: int, global_batch: int, lr: float, max_length: int = 512) -> ConfigDict:
+  return ConfigDict({"num_steps": num_steps, "global_batch": global_batch, "lr": lr, "max_length": max_length})
+
+
+def get_config():
+  config = common.base("demo", workdir="runs/demo")
+  config.quick = False
+  config.max_batch_rows = 256  # decode rows per engine batch
+
+  # The task (spark_jax/world/task.py): start value and min_ops..max_ops operations, results mod `modulus`.
+  config.world = ConfigDict({"modulus": 10, "min_ops": 3, "max_ops": 6, "max_operand": 9})
+
+  config.bootstrap = ConfigDict()
+  config.bootstrap.cache = True  # models in $SPARK_JAX_CACHE/world/<fingerprint of these settings>, reused
+  config.bootstrap.train_problems = 4000
+  config.bootstrap.eval_problems = 128  # held-out problems for the parse-rate / accuracy measurements
+  config.bootstrap.generator_preset = "world-tiny"
+  config.bootstrap.verifier_preset = "world-tiny"
+  config.bootstrap.generator_error_rate = 0.4  # share of training solutions with an injected error
+  config.bootstrap.verifier_error_rate = 0.5  # share of erroneous solutions in the verifier's training rows
+  config.bootstrap.verifier_step_accuracy = 0.8  # P(a training verdict equals the truth), per step
+  config.bootstrap.reference_fraction = 0.25  # verifier rows with the expected answer in the prompt (D7)
+  config.bootstrap.max_new_tokens = 192
+  config.bootstrap.generator_sft = _sft(num_steps=400, global_batch=32, lr=3e-3)
+  config.bootstrap.verifier_sft = _sft(num_steps=400, global_batch=32, lr=3e-3)
+
+  config.stage1 = ConfigDict()
+  config.stage1.problems = 96
+  config.stage1.num_solutions = 4  # M
+  config.stage1.num_verifications = 16  # N; the report also aggregates the first n of them, n in `n_grid`
+  config.stage1.n_grid = (1, 2, 4, 8, 16)
+  config.stage1.reference_num_verifications = 8
+  config.stage1.generator_temperature = 0.7
+  config.stage1.verifier_temperature = 0.8
+  config.stage1.curation = "none"  # every solution is kept: the label accuracy is measured on all of them
+  config.stage1.critique = False  # the world's verifier is not trained as a critic/merger (see the report)
+  config.stage1.shard_size = 32
+  config.stage1.max_new_tokens = 192
+
+  config.stage2 = ConfigDict()
+  config.stage2.variants = ("step_consistency", "outcome_consistency", "single")
+  config.stage2.formats = ("prm", "prm_cot")
+  config.stage2.base = "verifier"  # the PRMs are fine-tuned from the bootstrap verifier
+  config.stage2.sft = _sft(num_steps=150, global_batch=32, lr=1e-3)
+
+  config.processbench = ConfigDict()
+  config.processbench.cases = 200  # half with an injected error
+  config.processbench.max_new_tokens = 192
+
+  # --config.quick=True: these fields replace the ones above (CI: <= 3 minutes on 2 cores).
+  config.quick_settings = ConfigDict({
+      "bootstrap": {"train_problems": 2000, "eval_problems": 64,
+                    "generator_sft": _sft(num_steps=150, global_batch=32, lr=3e-3),
+                    "verifier_sft": _sft(num_steps=150, global_batch=32, lr=3e-3)},
+      "stage1": {"problems": 32, "num_verifications": 8, "n_grid": (1, 2, 4, 8), "reference_num_verifications": 4},
+      "stage2": {"variants": ("step_consistency", "single"), "formats": ("prm_cot",),
+                 "sft": _sft(num_steps=60, global_batch=32, lr=1e-3)},
+      "processbench": {"cases": 64},
+  })
+  config.lock()
+  return config
