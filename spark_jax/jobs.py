@@ -16,7 +16,7 @@ JOBS = {
     "critique": "spark_jax.stage1.jobs:run_critique",
     "aggregate": "spark_jax.stage1.jobs:run_aggregate",
     "stage1": "spark_jax.stage1.jobs:run_stage1",
-    "sft": "spark_jax.train.loop:run_sft",
+    "sft": "spark_jax.train.sft:run_sft",
     "processbench": "spark_jax.evals.processbench_job:run_processbench",
     "demo": "spark_jax.world.demo:run_demo",
     "rl": "spark_jax.rl.loop:run_rl",

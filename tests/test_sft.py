@@ -21,7 +21,7 @@ from spark_jax import models
 from spark_jax import sharding as shd
 from spark_jax.models.hf_io import _CheckpointReader, write_safetensors
 from spark_jax.train import data as data_lib
-from spark_jax.train import loop
+from spark_jax.train import sft
 from spark_jax.train import step as step_lib
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -96,11 +96,12 @@ def data_files(tmp_path_factory):
 
 
 def _config(workdir, tok_dir, data_files, **overrides):
-  c = loop.default_config()
+  from configs.sft_prm import get_config
+  c = get_config()
   c.model.name, c.model.init, c.model.dtype, c.model.remat = "tiny-qwen2", "random", "float32", "none"
   c.tokenizer = tok_dir
   c.data, c.eval_data = data_files
-  c.formats = ("prm",)
+  c.format, c.formats = "", ("prm",)
   c.workdir = str(workdir)
   c.mesh_devices = 1
   c.max_length, c.min_bucket = 96, 96
@@ -128,7 +129,7 @@ def _losses(workdir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, tok_dir, data_files):
   workdir = tmp_path_factory.mktemp("full")
-  summary = loop.run_sft(_config(workdir, tok_dir, data_files))
+  summary = sft.run_sft(_config(workdir, tok_dir, data_files))
   return str(workdir), summary
 
 
@@ -226,9 +227,9 @@ def test_resume_after_kill_gives_the_same_losses(full_run, tmp_path, tok_dir, da
   reference = _losses(full_run[0])
   workdir = tmp_path / "killed"
   # "Kill" after step 25: the last checkpoint is step 20, steps 21-25 are lost and redone after the restart.
-  first = loop.run_sft(_config(workdir, tok_dir, data_files, checkpoint_every=20, debug_stop_after=25))
+  first = sft.run_sft(_config(workdir, tok_dir, data_files, checkpoint_every=20, debug_stop_after=25))
   assert first["stopped_early"] and first["final_step"] == 25 and not first["export_dir"]
-  second = loop.run_sft(_config(workdir, tok_dir, data_files, checkpoint_every=20, debug_stop_after=32))
+  second = sft.run_sft(_config(workdir, tok_dir, data_files, checkpoint_every=20, debug_stop_after=32))
   assert second["resumed_from"] == 20 and second["final_step"] == 32 and second["steps_this_run"] == 12
   resumed = _losses(workdir)
   for s in range(1, 33):
@@ -313,7 +314,7 @@ def test_nan_loss_stops_the_run_naming_the_step(full_run, tmp_path, tok_dir, dat
   config = _config(tmp_path / "nan", tok_dir, data_files)
   config.model.name, config.model.init = str(poisoned), "pretrained"
   with pytest.raises(FloatingPointError, match=rf"^step {expected}: loss=nan") as err:
-    loop.run_sft(config)
+    sft.run_sft(config)
   assert f"{data_files[0]}:6" in str(err.value)  # the poisoned row (index 5) is line 6 of the file
   assert sorted(_losses(tmp_path / "nan")) == list(range(1, expected))
 
@@ -371,3 +372,96 @@ def test_token_logprobs_match_a_direct_log_softmax():
   # One chunk (chunk >= T) takes the loop-free path and gives the same values.
   one = step_lib.token_logprobs(cfg, params, tokens, targets, positions_BxT=positions, mask_BxT=mask, chunk=64)
   np.testing.assert_allclose(np.asarray(one) * mask, np.asarray(got) * mask, atol=1e-6)
+
+
+def test_resume_checks_the_settings_fingerprint_but_not_the_mesh(tmp_path, tok_dir, data_files, capfd):
+  """A changed learning rate is refused, naming it; a new device count, log cadence and checkpoint cadence
+  resume (with the same losses); the console shows no library INFO lines, which go to workdir/logs.txt."""
+  from absl import logging as absl_logging
+  from spark_jax.train import checkpoint as ckpt_lib
+  workdir = tmp_path / "fp"
+  sft.run_sft(_config(workdir, tok_dir, data_files, checkpoint_every=2, debug_stop_after=3))
+  reference = _losses(workdir)  # steps 1-3 on one device; the resumed run redoes step 3 on two
+  with pytest.raises(ckpt_lib.FingerprintMismatch, match=r"changed: \['adam_b2', 'lr'\]") as err:
+    sft.run_sft(_config(workdir, tok_dir, data_files, lr=2e-2, adam_b2=0.99, debug_stop_after=5))
+  assert "--config.resume=force" in str(err.value) and "0.01 -> 0.02" in str(err.value)
+  # As `python -m spark_jax.main` runs it: absl's handler on the root logger at INFO verbosity.
+  absl_logging.use_absl_handler()
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  capfd.readouterr()
+  try:
+    summary = sft.run_sft(_config(workdir, tok_dir, data_files, mesh_devices=2, log_every=1, checkpoint_every=3,
+                                  debug_stop_after=5))
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    import logging
+    logging.getLogger().removeHandler(absl_logging.get_absl_handler())
+  out, console = capfd.readouterr()
+  assert summary["resumed_from"] == 2 and summary["final_step"] == 5 and summary["mesh"]["data"] == 2
+  resumed = _losses(workdir)
+  for s in range(1, 4):
+    np.testing.assert_allclose(resumed[s], reference[s], rtol=1e-5, err_msg=f"step {s}")
+  assert "resumed from" in out + console and "step 4/100" in out + console
+  library = [line for line in console.splitlines() if line[:1] == "I" and line[1:5].isdigit()]
+  assert not library and "orbax" not in console, library[:5]
+  log = (workdir / "logs.txt").read_text()
+  assert "orbax" in log or "checkpoint" in log.lower(), log[:2000]
+
+
+def test_fingerprint_holds_the_result_settings_only():
+  from configs.sft_prm import get_config
+  from spark_jax.train import checkpoint as ckpt_lib
+  base = ckpt_lib.config_fingerprint(get_config(), sft.NOT_RESULT, plan="abc")
+  assert base["lr"] == 1e-5 and base["model.name"] == "Qwen/Qwen2.5-14B-Instruct" and base["plan"] == "abc"
+  assert not {"mesh.data", "mesh_devices", "log_every", "checkpoint_every", "workdir", "resume"} & set(base)
+  for key, value in [("lr", 2e-5), ("seed", 1), ("warmup_ratio", 0.1), ("schedule", "constant"),
+                     ("global_batch", 32), ("max_length", 4096)]:
+    c = get_config()
+    c[key] = value
+    assert ckpt_lib.changed_keys(base, ckpt_lib.config_fingerprint(c, sft.NOT_RESULT, plan="abc")) == [key]
+  c = get_config()
+  c.model.name, c.log_every, c.mesh.fsdp = "other", 1, 4
+  assert ckpt_lib.changed_keys(base, ckpt_lib.config_fingerprint(c, sft.NOT_RESULT, plan="abc")) == ["model.name"]
+
+
+def test_checkpointer_restores_any_pytree_onto_another_mesh_and_force_overrides(tmp_path):
+  """The RL job's use: a state pytree + JSON extras; restored onto a different sharding; force resumes."""
+  from spark_jax.train import checkpoint as ckpt_lib
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = {"w": jax.device_put(jnp.arange(16.0).reshape(8, 2), one), "step": jnp.asarray(3, jnp.int32)}
+  ck = ckpt_lib.Checkpointer(str(tmp_path), fingerprint={"lr": 1.0, "data": "x"})
+  assert ck.restore_latest(state) is None
+  ck.save(3, state, extra={"rng": [1, 2], "position": 7})
+  ck.close()
+  mesh = shd.make_mesh({"data": 8})
+  target = {"w": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("data"))), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  again = ckpt_lib.Checkpointer(str(tmp_path), fingerprint={"lr": 1.0, "data": "x"})
+  restored, extra = again.restore_latest(target)
+  np.testing.assert_array_equal(restored["w"], np.arange(16.0).reshape(8, 2))
+  assert restored["w"].sharding.spec == jax.sharding.PartitionSpec("data") and int(restored["step"]) == 3
+  assert extra == {"rng": [1, 2], "position": 7, "step": 3, "changed_settings": []}
+  changed = {"lr": 2.0, "data": "x", "new_knob": 1}
+  with pytest.raises(ckpt_lib.FingerprintMismatch, match=r"changed: \['lr', 'new_knob'\]"):
+    ckpt_lib.Checkpointer(str(tmp_path), fingerprint=changed).restore_latest(target)
+  forced = ckpt_lib.Checkpointer(str(tmp_path), fingerprint=changed, resume="force").restore_latest(target)
+  assert forced[1]["changed_settings"] == ["lr", "new_knob"]
+
+
+def test_lr_schedule_values():
+  """Warm-up starts at peak/warmup (no wasted update), reaches the peak, decays by a cosine to the end lr."""
+  cfg = models.get_preset("tiny-qwen2")
+  _, sched = step_lib.make_optimizer(cfg, lr=1e-3, total_steps=100, warmup_ratio=0.1, end_lr_ratio=0.1)
+  lr = lambda s: float(sched(s))
+  np.testing.assert_allclose([lr(0), lr(4), lr(9)], [1e-4, 5e-4, 1e-3], rtol=1e-6)
+  np.testing.assert_allclose(lr(10), 1e-3, rtol=1e-6)  # decay starts at the peak
+  np.testing.assert_allclose(lr(55), 1e-4 + 0.5 * 9e-4 * (1 + np.cos(np.pi * 0.5)), rtol=1e-6)  # half way
+  np.testing.assert_allclose([lr(100), lr(150)], [1e-4, 1e-4], rtol=1e-6)  # the end lr, held after the end
+  assert all(lr(s) > lr(s + 1) for s in range(10, 100))
+  _, const = step_lib.make_optimizer(cfg, lr=1e-3, total_steps=100, warmup_ratio=0.05, schedule="constant")
+  np.testing.assert_allclose([float(const(s)) for s in (0, 4, 5, 60, 99)], [2e-4, 1e-3, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+  _, none = step_lib.make_optimizer(cfg, lr=1e-3, total_steps=10, warmup_ratio=0.0)
+  np.testing.assert_allclose([float(none(0)), float(none(5)), float(none(10))], [1e-3, 5e-4, 0.0], atol=1e-9)
+  with pytest.raises(ValueError, match="schedule='linear'"):
+    step_lib.make_optimizer(cfg, lr=1e-3, total_steps=10, schedule="linear")
