@@ -144,11 +144,6 @@ def _unblock(x):
   return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _decode_params(params):
-  # The decode layout of the weights (per-layer trees on CPU) is made once per call, outside the block map.
-  return decoder.unstack_layers(params) if jax.default_backend() == "cpu" else params
-
-
 def _num_blocks(total: int, chunk: int, what: str) -> int:
   chunk = chunk or total
   if total % chunk:
@@ -161,12 +156,11 @@ def rollout(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tokens_B
   """G samples of each prompt (prompt-major rows), `rollout_chunk` prompts per `lax.map` block."""
   B = prompt_tokens_BxP.shape[0]
   nb = _num_blocks(B, settings.rollout_chunk, "rollout_chunk")
-  dec = _decode_params(params)
   sampling = settings.policy_sampling
 
   def block(xs):
     toks, lens, keys = xs
-    return core.generate_core(cfg, dec, toks, lens, keys, sampling)
+    return core.generate_core(cfg, params, toks, lens, keys, sampling)
 
   if nb == 1:
     return block((prompt_tokens_BxP, prompt_lengths_B, row_keys_N))
@@ -180,13 +174,12 @@ def prm_generate(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tok
   """Greedy PRM outputs for every row, `prm_chunk` rows per block; inactive rows start done (no tokens)."""
   N = prompt_tokens_NxL.shape[0]
   nb = _num_blocks(N, settings.prm_chunk, "prm_chunk")
-  dec = _decode_params(params)
   sampling = settings.prm_sampling
   keys_N = jax.random.split(jax.random.PRNGKey(0), N)  # greedy: the keys are never drawn from
 
   def block(xs):
     toks, lens, keys, active = xs
-    return core.generate_core(cfg, dec, toks, lens, keys, sampling, row_active_N=active)
+    return core.generate_core(cfg, params, toks, lens, keys, sampling, row_active_N=active)
 
   if nb == 1:
     return block((prompt_tokens_NxL, prompt_lengths_N, keys_N, active_N))
@@ -299,7 +292,7 @@ def rollout_and_reward(policy_cfg: ModelConfig, prm_cfg: ModelConfig | None, set
                        policy_params, prm_params, tables: RewardTables, prompt_tokens_BxP, prompt_lengths_B,
                        problem_tokens_BxQ, problem_lengths_B, key) -> RolloutOutput:
   """The whole in-graph program for every reward type but `rlvr` (see `rlvr_advantages`). Traceable."""
-  from spark_jax.rl import automata, prm_prompt
+  from spark_jax.rl import automata
   if settings.reward_type == "rlvr":
     raise ValueError("rollout_and_reward: reward 'rlvr' is graded on the host; use rollout_and_gate, grade, "
                      "then rlvr_advantages.")
@@ -308,6 +301,7 @@ def rollout_and_reward(policy_cfg: ModelConfig, prm_cfg: ModelConfig | None, set
   N, R = out.tokens_NxM.shape
   verdicts = None
   if settings.prm_format is not None:
+    from spark_jax.rl import prm_prompt
     prm_tokens_NxL, prm_lengths_N = prm_prompt.pack(
         tables.prm_template, problem_tokens_BxQ, problem_lengths_B, out.tokens_NxM, gate.cut_N,
         settings.group_size)
@@ -436,13 +430,14 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
 
 def make_reward_tables(tokenizer, settings: RolloutSettings, prm_tokenizer, vocab_size: int) -> RewardTables:
   """Builds the automata and the PRM template ids on the host, once per run (device arrays)."""
-  from spark_jax.rl import automata, prm_prompt
+  from spark_jax.rl import automata
   token_bytes = tokenizer.token_bytes_table(vocab_size)
-  special = tuple(tokenizer.special_ids) if hasattr(tokenizer, "special_ids") else ()
+  special = automata.special_token_ids(tokenizer)
   gate = automata.build_gate(token_bytes, special)
   steps = automata.build_step_ends(token_bytes, special)
   verdicts = template = None
   if settings.prm_format is not None:
+    from spark_jax.rl import prm_prompt
     verdicts = automata.build_verdicts(settings.prm_format, token_bytes, special)
     template = prm_prompt.build_template(prm_tokenizer, settings.prm_format)
   return RewardTables(gate, verdicts, steps, template)
