@@ -21,6 +21,7 @@ JOBS = {
     "demo": "spark_jax.world.demo:run_demo",
     "rl": "spark_jax.rl.loop:run_rl",
     "grid": "spark_jax.grid:run_grid",
+    "eval_math": "spark_jax.evals.math_eval:run_eval_math",
 }
 
 
