@@ -143,8 +143,7 @@ def library_logs(workdir: str, *, verbose: bool = False,
   handler = logging.FileHandler(path)
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
   console_filter = _BelowWarning()
-  consoles = [h for h in root.handlers if isinstance(h, logging.StreamHandler)
-              and not isinstance(h, logging.FileHandler)]
+  consoles = [h for h in root.handlers if not isinstance(h, logging.FileHandler)]  # e.g. absl's handler
   if not verbose:
     for h in consoles:
       h.addFilter(console_filter)
