@@ -6,6 +6,11 @@
   python -m spark_jax.main --config=configs/grid.py:<name> --config.mode=collect  # table of finished cells
 
 Grids:
+  world_n_x_aggregation         N in {1, 4, 16} x aggregation in {outcome, step} on the embedded toy world
+                                (configs/demo.py, quick sizes): label accuracy of the aggregated labels
+                                against the exact truth, and the held-out ProcessBench-style F1 of the PRM-CoT
+                                trained on them. The bootstrap models are cached, so only the first cell
+                                trains them.
   stage1_demo_n_x_aggregation   N in {1, 4} x aggregation in {outcome, step}: Stage I's label accuracy
                                 against the ground truth (configs/stage1.py:demo, SmolLM2-135M; slow on CPU)
 
@@ -52,7 +57,36 @@ def stage1_demo_n_x_aggregation():
                      plot_x="N")
 
 
+# The demo's per-stage summaries: `labels` aggregates the first n of the N verifications (n = N here), and
+# `processbench` scores every PRM trained in Stage II by "<variant>/<format>".
+_WORLD_METRICS = (
+    ("step_label_accuracy", "labels/summary.json:table.variants.{aggregation}_consistency.{N}.step_accuracy"),
+    ("outcome_label_accuracy",
+     "labels/summary.json:table.variants.{aggregation}_consistency.{N}.outcome_accuracy"),
+    ("first_error_accuracy",
+     "labels/summary.json:table.variants.{aggregation}_consistency.{N}.first_error_accuracy"),
+    ("kept", "labels/summary.json:table.variants.{aggregation}_consistency.{N}.kept"),
+    ("prm_cot_f1", "processbench/summary.json:scores.{aggregation}_consistency/prm_cot.f1"),
+)
+
+
+def world_n_x_aggregation():
+  # The demo runs with quick=True, which replaces its sizes by `quick_settings`; the swept knobs are set there
+  # so that the quick merge does not undo them.
+  q = "quick_settings."
+  cells = product({
+      "N": {n: {f"{q}stage1.num_verifications": n,
+                f"{q}stage1.n_grid": (n,),
+                f"{q}stage1.reference_num_verifications": min(n, 4)} for n in (1, 4, 16)},
+      "aggregation": {a: {f"{q}stage2.variants": (f"{a}_consistency",), f"{q}stage2.formats": ("prm_cot",)}
+                      for a in ("outcome", "step")},
+  })
+  cells = with_overrides(cells, {"quick": True})
+  return grid_config("world_n_x_aggregation", "configs/demo.py", cells, _WORLD_METRICS, plot_x="N")
+
+
 GRIDS = {
+    "world_n_x_aggregation": world_n_x_aggregation,
     "stage1_demo_n_x_aggregation": stage1_demo_n_x_aggregation,
 }
 

@@ -49,7 +49,6 @@ def _draw_lines(ax, series: Series, *, logx: bool | None) -> None:
   numeric = all(is_number(x) for x in all_x)
   categories = list(dict.fromkeys(all_x)) if not numeric else []
   for name, (xs, ys) in series.items():
-    _check_series(name, xs, ys)
     pairs = sorted(zip(xs, ys), key=lambda p: p[0]) if numeric else [(categories.index(x), y) for x, y in zip(xs, ys)]
     ax.plot([p[0] for p in pairs], [math.nan if p[1] is None else p[1] for p in pairs], marker="o", label=name)
   if numeric and all_x:
@@ -74,6 +73,8 @@ def line_plot(path: str, series: Series, *, xlabel: str = "", ylabel: str = "", 
   """One line per series `{name: (xs, ys)}`: e.g. label accuracy vs N, one line per aggregation."""
   if not series:
     raise ValueError(f"line_plot {path}: no series to draw.")
+  for name, (xs, ys) in series.items():  # before a figure exists: a bad input leaves no file and no open figure
+    _check_series(name, xs, ys)
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   _draw_lines(ax, series, logx=logx)
@@ -88,6 +89,11 @@ def line_panels(path: str, panels: Mapping[str, Series], *, xlabel: str = "", ti
   """Several `line_plot`s side by side, one per metric (the panel's name is its y label)."""
   if not panels:
     raise ValueError(f"line_panels {path}: no panels to draw.")
+  for panel, series in panels.items():
+    if not series:
+      raise ValueError(f"line_panels {path}: panel {panel!r} has no series.")
+    for name, (xs, ys) in series.items():
+      _check_series(name, xs, ys)
   plt = _pyplot()
   cols = min(3, len(panels))
   rows = -(-len(panels) // cols)
@@ -124,23 +130,26 @@ def bar_chart(path: str, values: Mapping[str, Any], *, ylabel: str = "", title: 
       raise TypeError(f"bar_chart {path}: group {g!r} has non-numeric values {bad}.")
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(bars) * len(groups) + 2), 4))
-  width = 0.8 / len(bars)
+  # Grouped: one cluster per group, one colour per bar name. Plain: one bar per name, spaced like clusters.
+  width = 0.8 / len(bars) if grouped else 0.7
   for j, bar in enumerate(bars):
-    xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(groups))]
+    xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(groups))] if grouped else [j]
     ys = [groups[g].get(bar) for g in groups]
-    drawn = ax.bar(xs, [0.0 if y is None else y for y in ys], width=width, label=bar if grouped else None)
+    drawn = ax.bar(xs, [0.0 if y is None else y for y in ys], width=width, label=bar if grouped else None,
+                   color=f"C{j % 10}")
     for rect, y in zip(drawn, ys):
+      x_mid = rect.get_x() + rect.get_width() / 2
       if y is None:
         rect.set_visible(False)
+        ax.annotate("n/a", (x_mid, 0), ha="center", va="bottom", fontsize=7)
       else:
-        ax.annotate(f"{y:.3g}", (rect.get_x() + rect.get_width() / 2, rect.get_height()), ha="center",
-                    va="bottom", fontsize=7)
+        ax.annotate(f"{y:.3g}", (x_mid, rect.get_height()), ha="center", va="bottom", fontsize=7)
   if grouped:
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(list(groups))
     ax.legend(fontsize=8)
   else:
-    ax.set_xticks([(j - (len(bars) - 1) / 2) * width for j in range(len(bars))])
+    ax.set_xticks(range(len(bars)))
     ax.set_xticklabels(bars, rotation=20, ha="right")
   if ylim is not None:
     ax.set_ylim(*ylim)

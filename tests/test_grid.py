@@ -187,3 +187,48 @@ def test_grid_config_file_loads_and_validates():
     assert len(g.cells) >= 4 and len({c["dir"] for c in g.cells}) == len(g.cells)
   with pytest.raises(ValueError, match="is not a grid"):
     grid_configs.get_config("nope")
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path):
+  with open(path, "rb") as f:
+    return f.read(8) == _PNG and os.path.getsize(path) > 1000
+
+
+def test_plot_helpers_write_pngs(tmp_path):
+  from spark_jax import plots
+  acc = {"step": ([1, 4, 16], [0.7, 0.8, 0.9]), "outcome": ([1, 4, 16], [0.7, 0.75, None])}
+  assert _is_png(plots.line_plot(str(tmp_path / "a" / "acc_vs_n.png"), acc, xlabel="N", ylabel="accuracy"))
+  assert _is_png(plots.line_plot(str(tmp_path / "cat.png"), {"x": (["prm", "orm"], [1.0, 2.0])}))
+  assert _is_png(plots.bar_chart(str(tmp_path / "f1.png"), {"single": 31.0, "step_consistency": 44.5, "none": None},
+                                 ylabel="F1"))
+  grouped = {"gsm8k": {"prm": 40.0, "prm_cot": 45.0}, "math": {"prm": 30.0, "prm_cot": 33.0}}
+  assert _is_png(plots.bar_chart(str(tmp_path / "f1_split.png"), grouped, ylabel="F1"))
+  log = tmp_path / "metrics.jsonl"
+  log.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.3},
+                                                    {"step": 2, "eval_acc": 0.4}, {"step": 4, "reward": 0.5}]))
+  series = plots.read_metrics_jsonl(str(log), ["reward", "eval_acc"])
+  assert series == {"reward": ([1, 2, 4], [0.1, 0.3, 0.5]), "eval_acc": ([2], [0.4])}
+  runs = {"reward": {"rlvr": series["reward"], "random": ([1, 2, 4], [0.0, 0.1, 0.0])},
+          "accuracy": {"rlvr": ([0, 10], [0.2, 0.5]), "random": ([0, 10], [0.2, 0.21])}}
+  assert _is_png(plots.curves(str(tmp_path / "rl.png"), runs))
+  assert sorted(os.listdir(tmp_path)) == ["a", "cat.png", "f1.png", "f1_split.png", "metrics.jsonl", "rl.png"]
+
+
+def test_plot_helpers_reject_bad_input(tmp_path):
+  from spark_jax import plots
+  with pytest.raises(ValueError, match="series 'a': 2 x values but 1 y values"):
+    plots.line_plot(str(tmp_path / "x.png"), {"a": ([1, 2], [0.5])})
+  with pytest.raises(TypeError, match="series 'a': y values must be numbers"):
+    plots.line_plot(str(tmp_path / "x.png"), {"a": ([1], ["high"])})
+  with pytest.raises(ValueError, match="no series"):
+    plots.line_plot(str(tmp_path / "x.png"), {})
+  with pytest.raises(TypeError, match="mix of plain and grouped"):
+    plots.bar_chart(str(tmp_path / "x.png"), {"a": 1.0, "b": {"c": 2.0}})
+  with pytest.raises(TypeError, match="group '' has non-numeric values \\{'a': 'x'\\}"):
+    plots.bar_chart(str(tmp_path / "x.png"), {"a": "x"})
+  assert not os.path.exists(tmp_path / "x.png")  # nothing half-written
