@@ -106,3 +106,33 @@ def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
   ids, mask = tok.render_chat_with_assistant_mask(messages)
   assert len(ids) < 400 and 0 < sum(mask) < len(ids)
   assert len(tok.token_bytes_table()) == tok.vocab_size
+
+
+def test_label_accuracy_of_variants_on_synthetic_stage1_files(tmp_path):
+  """report.label_accuracy on Stage I files written from the task itself: verdicts right w.p. 0.7 each and
+  independent, so a single verification labels ~70% of the steps right and the step majority of 9 far more."""
+  from spark_jax import io
+  from spark_jax.world import report
+  rng = random.Random(0)
+  problems = task.make_problems(11, 60)
+  task.write_problems(str(tmp_path / "problems.jsonl"), problems)
+  solutions, verifications, references = [], [], []
+  for p in problems:
+    text, _ = task.sample_solution(p, rng, error_rate=0.5)
+    sid = f"{p.problem_id}-s0"
+    solutions.append({"problem_id": p.problem_id, "problem": p.text, "answer": p.answer, "solution_id": sid,
+                      "solution": task.visible(text), "is_correct": task.solution_is_correct(p, text)})
+    verifications.append({"solution_id": sid, "verifications": [
+        task.noisy_verification(p, text, rng, 0.7) for _ in range(9)]})
+    references.append({"solution_id": sid, "verifications": [
+        task.noisy_verification(p, text, rng, 1.0) for _ in range(3)]})
+  io.write_jsonl_atomic(str(tmp_path / "generate" / "solutions.jsonl"), solutions)
+  io.write_jsonl_atomic(str(tmp_path / "verify" / "verifications-00000.jsonl"), verifications)
+  io.write_jsonl_atomic(str(tmp_path / "verify_reference" / "verifications-00000.jsonl"), references)
+  table = report.label_accuracy(str(tmp_path), n_grid=(1, 9))
+  v = table["variants"]
+  assert table["solutions"] == 60 and table["unlabelable"] == 0
+  assert 0.6 < v["single"][9]["step_accuracy"] < 0.8 and v["single"][1] == v["single"][9]
+  assert v["step_consistency"][1]["step_accuracy"] == v["single"][1]["step_accuracy"]
+  assert v["step_consistency"][9]["step_accuracy"] > v["single"][9]["step_accuracy"] + 0.1
+  assert v["reference_guided"][9]["step_accuracy"] == 1.0 and v["reference_guided"][9]["first_error_accuracy"] == 1.0

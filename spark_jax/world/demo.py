@@ -128,6 +128,11 @@ def stage_stage2(config, results: dict) -> dict:
   runs = {}
   for variant, fmt in _prm_runs(config):
     data = os.path.join(datasets, variant, f"{fmt}.jsonl")
+    with open(data) as f:
+      rows = sum(1 for line in f if line.strip())
+    if not rows:  # the variant kept no solution: nothing to train, reported as such
+      runs[f"{variant}/{fmt}"] = {"export_dir": None, "train_examples": 0, "train_loss": None, "seconds": 0.0}
+      continue
     c = boot.sft_config(os.path.join(_stage_dir(config, "stage2"), f"{variant}-{fmt}"), data, "", base,
                         config.stage2.sft, config.seed)
     c.model.init = "pretrained"
@@ -164,7 +169,8 @@ def stage_processbench(config, results: dict) -> dict:
   models = {f"{name}/{fmt}": (path, fmt) for name, path in (("random_init", _random_checkpoint(config, results)),
                                                            ("verifier_no_stage2", results["bootstrap"]["verifier_dir"]))
             for fmt in config.stage2.formats}
-  models.update({name: (run["export_dir"], name.split("/")[1]) for name, run in results["stage2"]["runs"].items()})
+  models.update({name: (run["export_dir"], name.split("/")[1]) for name, run in results["stage2"]["runs"].items()
+                 if run["export_dir"]})
   scores = {}
   for name, (path, fmt) in models.items():
     c = pb_config.get_config()
