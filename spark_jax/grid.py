@@ -225,6 +225,10 @@ class Grid:
       self.cells.append(cell)
     self.axes = list(dict.fromkeys(k for c in self.cells for k in c["labels"]))
     self.metrics = _metric_pairs(config.metrics)
+    clash = [m for m in self.metrics if m in self.axes or m == "cell"]
+    if clash:
+      raise ValueError(f"config.metrics columns {clash} clash with the table's 'cell' or axis columns {self.axes}; "
+                       "rename them.")
     if config.plot.x and config.plot.x not in self.axes:
       raise KeyError(f"config.plot.x={config.plot.x!r} is not an axis of grid {config.name!r} (axes: {self.axes}).")
     unknown = [m for m in config.plot.metrics if m not in self.metrics]

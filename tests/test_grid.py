@@ -49,7 +49,8 @@ def toy(tmp_path, monkeypatch):
   return tmp_path, str(base)
 
 
-def _config(workdir, base, *, worker=0, num_workers=1, mode="run", cells=None, metrics=None, plot_x=""):
+def _config(workdir, base, *, worker=0, num_workers=1, mode="run", cells=None, metrics=None, plot_x="",
+            plot_metrics=None):
   cells = cells if cells is not None else grid_lib.with_overrides(
       grid_lib.product({"model.n": (1, 4, 16), "mode": {"outcome": {"mode": "outcome"}, "step": {"mode": "step"}}}),
       {"scale": 0.5})
@@ -58,7 +59,9 @@ def _config(workdir, base, *, worker=0, num_workers=1, mode="run", cells=None, m
                        "metrics": metrics or (("value", "result.value"), ("by_mode", "result.by_{mode}"),
                                               ("final_loss", "metrics.jsonl:loss"), ("eval", "metrics.jsonl:eval_acc"),
                                               ("size", "sizes.0")),
-                       "plot": {"x": plot_x, "metrics": ()}})
+                       # One panel keeps these tests fast (a PNG of five panels takes seconds on a busy CPU).
+                       "plot": {"x": plot_x, "metrics": plot_metrics if plot_metrics is not None else
+                                ("value",) if metrics is None else ()}})
   config.lock()
   return config
 
@@ -75,7 +78,7 @@ def _table(workdir):
 
 def test_product_names_and_table(toy):
   root, base = toy
-  summary = jobs.run(_config(root / "g", base, plot_x="model.n"))
+  summary = jobs.run(_config(root / "g", base, plot_x="model.n", plot_metrics=()))  # () = every numeric metric
   assert summary["pending"] == [] and len(summary["ran"]) == 6
   rows = _table(root / "g")
   assert rows[0] == ["cell", "model.n", "mode", "value", "by_mode", "final_loss", "eval", "size"]
@@ -159,6 +162,8 @@ def test_bad_override_key_names_it(toy):
     jobs.run(_config(root / "g", base, cells=[{"model.n": 2}], metrics=(("x", "result.nope"),)))
   with pytest.raises(ValueError, match="same labels"):
     grid_lib.Grid(_config(root / "i", base, cells=[{"model.n": 2}, {"model.n": 2}]))
+  with pytest.raises(ValueError, match=r"columns \['mode'\] clash"):
+    grid_lib.Grid(_config(root / "i", base, metrics=(("mode", "result.value"),)))
   with pytest.raises(KeyError, match="plot.x='N' is not an axis"):
     grid_lib.Grid(_config(root / "i", base, plot_x="N"))
   with pytest.raises(ValueError, match="worker=2, config.num_workers=2"):
