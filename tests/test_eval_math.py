@@ -99,6 +99,14 @@ def test_generator_template_and_greedy_only(tmp_path):
   assert all("Answer:" in m and "<step>" not in m for m in model.messages)
 
 
+def test_samples_only(tmp_path):
+  config = _config(tmp_path / "e", greedy=False, num_samples=4, benchmarks=("math500",))
+  model = ScriptedModel(_items(config))
+  scores = math_eval.run_eval_math(config, model=model)["scores"]
+  assert list(scores["average"]) == ["n", "avg@4", "pass@4", "truncated"] and model.calls == 1
+  assert scores["math500"]["avg@4"] == 37.5 and scores["math500"]["pass@4"] == 75.0
+
+
 def test_resume_after_a_crash_runs_only_missing_shards(tmp_path):
   config = _config(tmp_path / "e")
   items = _items(config)
