@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spark_jax.stage1 import aggregate, formats
+from spark_jax.stage1 import aggregate, formats, quality
 from spark_jax.text import verdicts as parsing
 from spark_jax.stage1.aggregate import AggregationConfig, build_variant_records, outcome_majority, step_majority
 
@@ -319,7 +319,7 @@ def test_data_quality_table_hand_computed():
       _record("single", True, True, [T]),
       _record("single", False, None, [], kept=False, reason="parse_failure"),
   ]
-  table = aggregate.data_quality_table(records)
+  table = quality.data_quality_table(records)
   assert list(table) == ["single", "step_consistency"]
   step = table["step_consistency"]
   assert (step["kept"], step["dropped"], step["drop_reasons"]) == (4, 2, {"contradiction": 1, "no_match": 1})
@@ -331,19 +331,19 @@ def test_data_quality_table_hand_computed():
   assert step["step_derived"]["correct_solutions"]["hits"] == 1
   assert step["step_derived"]["incorrect_solutions"]["hits"] == 1
   assert table["single"]["final"]["incorrect_solutions"] == {"n": 0, "hits": 0, "accuracy": None}
-  markdown = aggregate.render_quality_markdown(table)
+  markdown = quality.render_quality_markdown(table)
   lines = markdown.strip().splitlines()
   assert len(lines) == 4 and lines[0].startswith("| variant | kept | dropped |")
   assert lines[3] == ("| step_consistency | 4 | 2 | 0.750 (3/4) | 0.500 (1/2) | 1.000 (2/2) | 0.500 (2/4) "
                       "| 0.500 (1/2) | 0.500 (1/2) | 2/1/0 |")
   assert "| single | 1 | 1 | 1.000 (1/1) | 1.000 (1/1) | – |" in markdown
   # Dict input (as read back from JSONL) gives the same table.
-  assert aggregate.data_quality_table([r.to_dict() for r in records]) == table
+  assert quality.data_quality_table([r.to_dict() for r in records]) == table
 
 
 def test_data_quality_table_needs_ground_truth():
   with pytest.raises(ValueError, match="record 0 .*is_correct"):
-    aggregate.data_quality_table([_record("single", None, True, [T])])
+    quality.data_quality_table([_record("single", None, True, [T])])
 
 
 # ------------------------------------------------------------------------------------------------- SFT rows

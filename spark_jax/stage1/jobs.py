@@ -31,7 +31,7 @@ import time
 
 from spark_jax import io
 from spark_jax.evals import grading
-from spark_jax.stage1 import aggregate, curation, formats, prompts
+from spark_jax.stage1 import aggregate, curation, formats, prompts, quality
 from spark_jax.text import verdicts as parsing
 from spark_jax.text.answers import extract_answer
 
@@ -416,9 +416,9 @@ def run_aggregate(config) -> dict:
   summary = {"job": "aggregate", "solutions": len(solutions), "variants": manifests,
              "curation_counts": curation_counts, "datasets_dir": os.path.join(out_dir, "datasets")}
   if all(s.get("is_correct") is not None for s in solutions) and solutions:
-    table = aggregate.data_quality_table(records)
+    table = quality.data_quality_table(records)
     io.write_json_atomic(os.path.join(out_dir, "data_quality.json"), table)
-    markdown = aggregate.render_quality_markdown(table)
+    markdown = quality.render_quality_markdown(table)
     with open(os.path.join(out_dir, "data_quality.md"), "w") as f:
       f.write(markdown + "\n")
     print(markdown)
