@@ -9,26 +9,26 @@ agree and refill from new prompts, a bounded number of rounds) -> pi_old (and re
 `ppo_epochs` x mini-batches of AdamW steps -> metrics. Every `eval_every` steps the policy answers the
 validation prompts greedily and is graded with math_verify.
 
-Checkpoints (train/checkpoint.py): {"step", "params", "opt_state"} + the prompt iterator's state + the RNG
-key; a restart resumes bit-identically, and SIGTERM checkpoints at the end of the running step and exits.
+Checkpoints (train/checkpoint.py): {"step", "params", "opt_state"} + the prompt iterator's state; step t
+draws with fold_in(seed key, t) (train/loop.py), so a restart resumes with identical metrics without storing
+a key. SIGTERM (a preemption notice) checkpoints after the running step and exits cleanly.
 The final policy is exported as a Hugging Face checkpoint (`export_dir`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
 from spark_jax import sharding as shd
 from spark_jax.rl import policy as policy_lib
+from spark_jax.rl import programs as programs_lib
 from spark_jax.rl import step as rl_step
 
 
@@ -53,7 +53,10 @@ def default_config() -> ConfigDict:
   mini_batches / ppo_epochs     optimizer steps per rollout batch = mini_batches x ppo_epochs (D10: 1 x 1).
   use_sampler_logprobs          pi_old = the sampler's log-probs instead of the trainer's recomputation.
   dynamic_sampling / max_sampling_rounds   DAPO's filter of zero-variance groups, refill rounds.
-  num_steps, eval_every, eval_prompts, checkpoint_every, export_dir, progress_bar.
+  num_steps, eval_every, eval_prompts, eval_max_response, checkpoint_every, keep_checkpoints, log_every,
+  export_dir ("" = workdir/export, "none" = no export), progress_bar.
+  resume                        "auto" | "force" (resume a checkpoint written with other settings).
+  debug_stop_after              stop after this step (tests of resumption); 0 = off.
   """
   from configs import common
   c = common.base("rl", "runs/rl")
@@ -97,6 +100,10 @@ def default_config() -> ConfigDict:
   c.eval_prompts = 0
   c.eval_max_response = 0
   c.checkpoint_every = 50
+  c.keep_checkpoints = 2
+  c.resume = "auto"
+  c.debug_stop_after = 0
+  c.log_every = 1
   c.export_dir = ""
   c.progress_bar = True
   return c
@@ -248,11 +255,16 @@ class Evaluator:
             "response_length": float(np.mean([len(s[0].tokens) for s in samples]))}
 
 
+# Fields that leave the numbers alone: a checkpoint written under other values still resumes.
+NOT_RESULT = ("job", "workdir", "mesh", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_prompts",
+              "export_dir", "progress_bar", "log_every", "num_steps", "resume", "debug_stop_after")
+
+
 def run_rl(config) -> dict:
   """Runs GRPO per `config` (see `default_config`); returns the summary."""
   from spark_jax.io import write_summary
-  from spark_jax.rl import automata, prm_prompt
   from spark_jax.train import checkpoint as ckpt_lib
+  from spark_jax.train import loop as loop_lib
   from spark_jax.train import metrics as metrics_lib
   from spark_jax.train import step as train_step
 
@@ -262,7 +274,6 @@ def run_rl(config) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(config.mesh.to_dict())
   B, G = int(config.prompts_per_step), int(config.group_size)
-  N = B * G
   reward_type = config.reward.type
   needs_prm = rl_step.REWARD_FORMATS[reward_type] is not None
 
@@ -290,97 +301,133 @@ def run_rl(config) -> dict:
                                                       max_prompt_tokens=int(config.max_prompt_tokens))
   P = max(len(r) for r in policy_ids)
   Q = max(len(r) for r in problem_ids)
-  it = PromptIterator(len(prompts), config.seed)
+  if needs_prm:
+    check_budget(prm_cfg, Q + int(config.max_response) + 128, int(config.reward.prm_max_new_tokens), "prm")
+  it = PromptIterator(len(prompts), int(config.seed))
 
   # ---- programs
-  eot = tuple(tokenizer.end_of_turn_ids)
   settings = rl_step.RolloutSettings(
-      group_size=G, max_response=int(config.max_response), stop_token_ids=eot, reward_type=reward_type,
-      temperature=float(config.temperature), top_p=float(config.top_p), top_k=int(config.top_k),
-      prm_max_new_tokens=int(config.reward.prm_max_new_tokens),
+      group_size=G, max_response=int(config.max_response), stop_token_ids=tuple(tokenizer.end_of_turn_ids),
+      reward_type=reward_type, temperature=float(config.temperature), top_p=float(config.top_p),
+      top_k=int(config.top_k), prm_max_new_tokens=int(config.reward.prm_max_new_tokens),
       prm_stop_token_ids=tuple(prm_tok.end_of_turn_ids) if prm_tok else (),
       rollout_chunk=int(config.reward.rollout_chunk), prm_chunk=int(config.reward.prm_chunk),
       rlvr_gate=bool(config.reward.rlvr_gate), orm_prompt_bug=bool(config.reward.orm_prompt_bug),
       prm_all_rows=bool(config.reward.prm_all_rows), adv_scale=config.adv_scale)
-  tables = rl_step.make_reward_tables(tokenizer, settings, prm_tok, pcfg.vocab_size)
+  tables = programs_lib.make_reward_tables(tokenizer, settings, prm_tok, pcfg.vocab_size)
   update_settings = rl_step.UpdateSettings(
       clip_low=float(config.clip_low), clip_high=float(config.clip_high), dual_clip=float(config.dual_clip),
       beta=float(config.beta), kl_type=config.kl_type, loss_agg=config.loss_agg,
       logits_chunk=int(config.logits_chunk), compute_dtype=config.policy.dtype)
-  total_updates = int(config.num_steps) * int(config.mini_batches) * int(config.ppo_epochs)
-  tx, schedule = train_step.make_optimizer(pcfg, lr=float(config.lr), total_steps=max(total_updates, 1),
+  updates_per_step = int(config.mini_batches) * int(config.ppo_epochs)
+  tx, schedule = train_step.make_optimizer(pcfg, lr=float(config.lr),
+                                           total_steps=max(int(config.num_steps) * updates_per_step, 1),
                                            warmup_ratio=float(config.warmup_ratio),
                                            weight_decay=float(config.weight_decay),
                                            grad_clip=float(config.grad_clip), schedule=config.schedule)
-  programs = rl_step.Programs(pcfg, prm_cfg, settings, update_settings, tx, schedule, mesh)
+  programs = programs_lib.Programs(pcfg, prm_cfg, settings, update_settings, tx, schedule, mesh)
 
-  # ---- state, resume
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                               fingerprint={"data": config.data.train, "B": B, "G": G, "reward": reward_type})
-  with shd.use_mesh(mesh):
-    state = train_step.init_state(pcfg, policy_params, tx, mesh)
-  key = jax.random.PRNGKey(config.seed)
-  restored = ckpt.restore_latest(state)
+  # ---- state: restore or initialise
+  ckpt_root = os.path.join(workdir, "checkpoints")
+  fingerprint = ckpt_lib.config_fingerprint(config, NOT_RESULT, num_prompts=len(prompts))
+  ckpt = ckpt_lib.Checkpointer(ckpt_root, fingerprint=fingerprint, keep=int(config.keep_checkpoints),
+                               resume=config.resume)
+  restored = ckpt.restore_latest(train_step.abstract_state(pcfg, tx, mesh))
   if restored is not None:
     state, extra = restored
     it.restore(extra["data"])
-    key = jnp.asarray(np.asarray(extra["rng"], np.uint32))
-  start = int(state["step"]) // max(int(config.mini_batches) * int(config.ppo_epochs), 1)
-  writer = metrics_lib.MetricsWriter(workdir, total=int(config.num_steps), initial=start, desc="rl",
-                                     progress_bar=bool(config.progress_bar))
-  evaluate = Evaluator(config, pcfg, state["params"], tokenizer, mesh) if config.data.val else None
+    start = int(extra["step"])
+  else:
+    with shd.use_mesh(mesh):
+      state = train_step.init_state(pcfg, policy_params, tx, mesh)
+    start = 0
+  if ref_params is None:
+    del policy_params
+  num_steps = int(config.num_steps)
+  stop_at = num_steps
+  if config.debug_stop_after and start < int(config.debug_stop_after) < num_steps:
+    stop_at = int(config.debug_stop_after)
+  writer = metrics_lib.MetricsWriter(
+      workdir, total=num_steps, initial=start, desc="rl", log_every=int(config.log_every),
+      progress_bar=bool(config.progress_bar),
+      console_keys=("reward_mean", "accuracy", "format_violation", "kl", "response_length",
+                    "tokens_per_s_per_device", "time_rollout_and_reward", "time_update"))
+  writer.console(f"rl: {len(prompts)} prompts, {B} x {G} rollouts per step, reward {reward_type} "
+                 f"({'in graph' if config.reward.in_graph else 'host reference'}), mesh {dict(mesh.shape)}, "
+                 f"steps {start}->{num_steps}")
+  evaluator = Evaluator(config, pcfg, state["params"], tokenizer, mesh) if config.data.val else None
   stop = _Stop()
-
-  def save(step_no: int):
-    ckpt.save(step_no, state, {"data": it.state(), "rng": np.asarray(key).tolist()})
 
   def batch_arrays(idx):
     pt, pl = left_pad([policy_ids[i] for i in idx], P)
     qt, ql = right_pad([problem_ids[i] for i in idx], Q)
     return pt, pl, qt, ql
 
-  step_no = start
+  def sample(params, idx, key):
+    pt, pl, qt, ql = batch_arrays(idx)
+    roll, timing = programs.rollout_and_reward(
+        params, prm_params, tables, pt, pl, qt, ql, key, golds=[prompts[i].ground_truth for i in idx],
+        problems=[prompts[i].problem for i in idx], tokenizer=tokenizer, prm_tokenizer=prm_tok, in_graph=bool(config.reward.in_graph))
+    return roll, pt, pl, timing
+
+  def rl_step_fn(st, idx, key):
+    t0 = time.time()
+    roll, pt, pl, timing = sample(st["params"], idx, key)
+    m = {}
+    if config.dynamic_sampling:
+      roll, pt, pl, m = programs_lib.dynamic_sampling(
+          roll, pt, pl, G, lambda k: sample(st["params"], it.take(B), k), key, int(config.max_sampling_rounds))
+    t_update = time.time()
+    st, upd = programs.update(st, ref_params, pt, pl, roll, int(config.mini_batches), int(config.ppo_epochs),
+                              bool(config.use_sampler_logprobs))
+    dt = time.time() - t0
+    m.update({k: float(v) for k, v in roll.stats.items()})
+    m.update(upd)
+    m.update(timing)
+    m["time_update"] = time.time() - t_update
+    tokens = float(np.sum(pl)) * G + float(np.sum(np.asarray(roll.response_lengths_N)))
+    m["tokens_per_s_per_device"] = tokens / dt / jax.device_count()
+    return st, m
+
+  def batches():
+    while True:
+      yield it.take(B), {}
+
+  def on_metrics(step_no, m):
+    metrics_lib.check_finite(step_no, m, ("loss", "grad_norm"))
+    writer.write(step_no, m)
+
+  def save(step_no, st):
+    ckpt.save(step_no, st, {"data": it.state()})
+
+  def evaluate(step_no, st):
+    if evaluator is not None:
+      writer.write(step_no, evaluator(st["params"]), prefix="eval")
+
+  summary: dict[str, Any] = {"job": "rl", "workdir": workdir, "reward": reward_type}
   try:
-    with shd.use_mesh(mesh):
-      while step_no < int(config.num_steps) and not stop.requested:
-        t0 = time.time()
-        key, round_key = jax.random.split(key)
-        idx = it.take(B)
-        pt, pl, qt, ql = batch_arrays(idx)
-        roll, timing = programs.rollout_and_reward(state["params"], prm_params, tables, pt, pl, qt, ql, round_key,
-                                                   golds=[prompts[i].ground_truth for i in idx],
-                                                   tokenizer=tokenizer, prm_tokenizer=prm_tok,
-                                                   in_graph=bool(config.reward.in_graph))
-        if config.dynamic_sampling:
-          roll, pt, pl, rounds = programs.refill(roll, pt, pl, lambda n: batch_arrays(it.take(n)), key,
-                                                 int(config.max_sampling_rounds), timing)
-        t_update = time.time()
-        state, update_metrics = programs.update(state, ref_params, pt, pl, roll, int(config.mini_batches),
-                                                int(config.ppo_epochs), bool(config.use_sampler_logprobs))
-        step_no += 1
-        dt = time.time() - t0
-        tokens = float(np.sum(pl)) * G + float(np.sum(np.asarray(roll.response_lengths_N)))
-        m = {k: float(v) for k, v in roll.stats.items()}
-        m.update(update_metrics)
-        m.update(timing)
-        m["time_update"] = time.time() - t_update
-        m["time_step"] = dt
-        m["tokens_per_s_per_device"] = tokens / dt / jax.device_count()
-        metrics_lib.check_finite(step_no, m, ("loss", "grad_norm"))
-        writer.write(step_no, m, prefix="train")
-        if evaluate is not None and config.eval_every and step_no % int(config.eval_every) == 0:
-          writer.write(step_no, evaluate(state["params"]), prefix="eval")
-        if config.checkpoint_every and step_no % int(config.checkpoint_every) == 0:
-          save(step_no)
-      save(step_no)
+    state, steps_run = loop_lib.run(
+        rl_step_fn, state, batches(), start=start, stop=stop_at, on_metrics=on_metrics,
+        rng=jax.random.PRNGKey(int(config.seed)), checkpoint_every=int(config.checkpoint_every), save=save,
+        eval_every=int(config.eval_every), evaluate=evaluate, last_step=num_steps,
+        should_stop=lambda: stop.requested, mesh=mesh)
+    final = start + steps_run
+    if ckpt.latest_step() != final:
+      save(final, state)
+    summary.update(final_step=final, num_steps=num_steps, interrupted=stop.requested)
+    if final == num_steps:
+      evaluate(final, state)
+      if config.export_dir != "none":
+        from spark_jax.models import hf_io
+        export_dir = os.path.abspath(config.export_dir or os.path.join(workdir, "export"))
+        hf_io.save_pretrained(pcfg.replace(remat="none"), state["params"], export_dir,
+                              tokenizer_dir=tokenizer.source if os.path.isdir(tokenizer.source) else None)
+        writer.console(f"exported step {final} to {export_dir}")
+        summary["export_dir"] = export_dir
   finally:
     stop.close()
     writer.close()
-  summary = {"steps": step_no, "interrupted": stop.requested, "seconds": time.time() - t_start}
-  if not stop.requested and config.export_dir:
-    from spark_jax.models import hf_io
-    hf_io.save_pretrained(pcfg, jax.device_get(state["params"]), config.export_dir)
-    tokenizer.hf.save_pretrained(config.export_dir)
-    summary["export_dir"] = config.export_dir
+    ckpt.close()
+  summary["seconds"] = time.time() - t_start
   write_summary(workdir, summary)
   return summary

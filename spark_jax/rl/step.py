@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from spark_jax import sharding as shd
@@ -317,6 +315,10 @@ def rollout_and_reward(policy_cfg: ModelConfig, prm_cfg: ModelConfig | None, set
         "prm_output_length": jnp.sum(queried * prm_out.lengths_N) / nq,
         "prm_prompt_length": jnp.sum(queried * prm_lengths_N) / nq})
   rewards_N = _outcome_rewards(settings, verdicts, reward_key, N) * ok_N.astype(F32)
+  if settings.reward_type in ("selective_advantage", "selective_advantage_half"):
+    # The strict step-count penalty, as advantages.selective applies it, so the reported reward is the one used.
+    bad_N = (steps.count_N < settings.min_steps_selective) | (steps.count_N > settings.max_steps)
+    rewards_N = jnp.where((verdicts.num_steps_N > 0) & bad_N, 0.0, rewards_N)
   adv_NxR = advantages(settings, rewards_N, out.lengths_N, R, verdicts, steps)
   stats.update(_group_stats(rewards_N, settings.group_size))
   stats["reward_step_correlation"] = _correlation(rewards_N, steps.count_N.astype(F32))
@@ -423,129 +425,3 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return jax.jit(update, out_shardings=(sh, shd.replicated(mesh)), donate_argnums=(0,))
-
-
-# ------------------------------------------------------------------------------------ tables and shell
-
-
-def make_reward_tables(tokenizer, settings: RolloutSettings, prm_tokenizer, vocab_size: int) -> RewardTables:
-  """Builds the automata and the PRM template ids on the host, once per run (device arrays)."""
-  from spark_jax.rl import automata
-  token_bytes = tokenizer.token_bytes_table(vocab_size)
-  special = automata.special_token_ids(tokenizer)
-  gate = automata.build_gate(token_bytes, special)
-  steps = automata.build_step_ends(token_bytes, special)
-  verdicts = template = None
-  if settings.prm_format is not None:
-    from spark_jax.rl import prm_prompt
-    verdicts = automata.build_verdicts(settings.prm_format, token_bytes, special)
-    template = prm_prompt.build_template(prm_tokenizer, settings.prm_format)
-  return RewardTables(gate, verdicts, steps, template)
-
-
-def host_rewards(settings: RolloutSettings, texts: list[str], prm_texts: list[str | None], key) -> np.ndarray:
-  """The reference of the in-graph reward: the same rule on decoded text (rl/rewards.py, text/verdicts.py)."""
-  from spark_jax.rl import rewards as rewards_lib
-  N = len(texts)
-  ok = np.asarray([rewards_lib.format_ok(t) for t in texts], np.float32)
-  if settings.reward_type == "random":
-    coin = np.asarray(jax.random.bernoulli(jax.random.split(key)[1], 0.5, (N,)), np.float32)
-    return ok * coin
-  out = np.asarray([rewards_lib.rm_reward(settings.reward_type, settings.prm_format, t) if t is not None else 0.0
-                    for t in prm_texts], np.float32)
-  return ok * out
-
-
-class Programs:
-  """The jitted programs of one run, and the host glue between them (rlvr grading, the host reference path,
-  mini-batching, timing). One instance per run: compiled once, reused every step."""
-
-  def __init__(self, policy_cfg, prm_cfg, settings: RolloutSettings, update_settings: UpdateSettings, tx, schedule,
-               mesh):
-    self.policy_cfg, self.prm_cfg, self.settings, self.update_settings = policy_cfg, prm_cfg, settings, update_settings
-    self.mesh = mesh
-    rep = shd.replicated(mesh)
-    self._rollout_and_reward = jax.jit(functools.partial(rollout_and_reward, policy_cfg, prm_cfg, settings),
-                                       out_shardings=rep)
-
-    def gate_only(params, tables, pt, pl, key):
-      out, gate, steps, ok_N, _, stats = rollout_and_gate(policy_cfg, settings, params, tables, pt, pl, key)
-      return out, ok_N, steps.count_N, stats
-
-    self._rollout_and_gate = jax.jit(gate_only, out_shardings=rep)
-    self._rlvr = jax.jit(functools.partial(rlvr_advantages, settings), static_argnums=(4,), out_shardings=rep)
-    self._logprobs = make_logprob_fn(policy_cfg, mesh, chunk=update_settings.logits_chunk,
-                                     compute_dtype=update_settings.compute_dtype)
-    self._update = make_update_step(policy_cfg, tx, schedule, mesh, update_settings)
-
-  def rollout_and_reward(self, params, prm_params, tables, pt, pl, qt, ql, key, *, golds, tokenizer,
-                         prm_tokenizer=None, in_graph: bool = True) -> tuple[RolloutOutput, dict]:
-    """One batch of rollouts with rewards and advantages; returns it and the wall-clock split."""
-    t0 = time.time()
-    s = self.settings
-    if s.reward_type != "rlvr" and in_graph:
-      out = jax.block_until_ready(self._rollout_and_reward(params, prm_params, tables, pt, pl, qt, ql, key))
-      return out, {"time_rollout_and_reward": time.time() - t0}
-    core_out, ok_N, steps_N, stats = jax.block_until_ready(self._rollout_and_gate(params, tables, pt, pl, key))
-    t1 = time.time()
-    tokens, lengths = np.asarray(core_out.tokens_NxM), np.asarray(core_out.lengths_N)
-    texts = [tokenizer.decode(tokens[i, :lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(lengths))]
-    if s.reward_type == "rlvr":
-      G = s.group_size
-      rewards = _grade_rlvr(texts, [golds[i // G] for i in range(len(texts))])
-    else:
-      rewards = self._host_reference(prm_params, texts, qt, ql, tokenizer, prm_tokenizer, key)
-    r, adv, more = self._rlvr(jnp.asarray(rewards), ok_N, core_out.lengths_N, steps_N, tokens.shape[1])
-    stats = {**stats, **more}
-    out = RolloutOutput(core_out.tokens_NxM, core_out.lengths_N, core_out.logprobs_NxM, ok_N, r, adv, stats)
-    return out, {"time_rollout": t1 - t0, "time_reward": time.time() - t1}
-
-  def _host_reference(self, prm_params, texts, qt, ql, tokenizer, prm_tokenizer, key) -> np.ndarray:
-    from spark_jax.rl import rewards as rewards_lib
-    from spark_jax.sampling.engine import SamplingEngine
-    from spark_jax.text.rm import rm_prompt
-    s = self.settings
-    problems = [tokenizer.decode(np.asarray(qt)[b, :int(ql[b])].tolist()) for b in range(len(ql))]
-    prm_texts: list[str | None] = [None] * len(texts)
-    if s.prm_format is not None:
-      ask = [i for i, t in enumerate(texts) if s.prm_all_rows or rewards_lib.format_ok(t)]
-      prompts = [prm_tokenizer.apply_chat_template([{"role": "user", "content": rm_prompt(
-          s.prm_format, problems[i // s.group_size], rewards_lib.cut_after_answer(texts[i]))}]) for i in ask]
-      if ask:
-        engine = SamplingEngine(self.prm_cfg, prm_params, mesh=self.mesh, progress=False)
-        samples = engine.generate(prompts, s.prm_sampling)
-        for i, sample in zip(ask, samples):
-          prm_texts[i] = prm_tokenizer.decode(sample[0].tokens, skip_special_tokens=True)
-    return host_rewards(s, texts, prm_texts, key)
-
-  def update(self, state, ref_params, pt, pl, roll: RolloutOutput, mini_batches: int, epochs: int,
-             use_sampler_logprobs: bool):
-    """pi_old and reference log-probs, then `epochs` x `mini_batches` AdamW steps; returns mean metrics."""
-    G, R = self.settings.group_size, roll.response_tokens_NxR.shape[1]
-    tokens_NxT, mask_NxT = sequences(jnp.asarray(pt), jnp.asarray(pl), roll.response_tokens_NxR,
-                                     roll.response_lengths_N, G)
-    trainer_lp = self._logprobs(state["params"], tokens_NxT, mask_NxT, R)
-    resp_mask = np.asarray(mask_NxT[:, -R:])
-    gap = np.abs(np.asarray(trainer_lp) - np.asarray(roll.sampler_logprobs_NxR))[resp_mask]
-    old = roll.sampler_logprobs_NxR if use_sampler_logprobs else trainer_lp
-    ref = (self._logprobs(ref_params, tokens_NxT, mask_NxT, R) if self.update_settings.beta > 0
-           else jnp.zeros_like(trainer_lp))
-    batch = {"tokens_NxT": tokens_NxT, "mask_NxT": mask_NxT, "old_logprobs_NxR": old,
-             "advantages_NxR": roll.advantages_NxR, "ref_logprobs_NxR": ref}
-    N = tokens_NxT.shape[0]
-    size = N // mini_batches
-    collected = []
-    for _ in range(epochs):
-      for m in range(mini_batches):
-        mb = jax.tree.map(lambda x, m=m: x[m * size:(m + 1) * size], batch)
-        state, metrics = self._update(state, mb)
-        collected.append(metrics)
-    out = {k: float(np.mean([float(c[k]) for c in collected])) for k in collected[0]}
-    out["logprob_gap_mean"] = float(gap.mean()) if gap.size else 0.0
-    out["logprob_gap_max"] = float(gap.max()) if gap.size else 0.0
-    return state, out
-
-
-def _grade_rlvr(texts: list[str], golds: list[Any]) -> np.ndarray:
-  from spark_jax.evals.grading import grade_responses
-  return np.asarray(grade_responses(texts, golds), np.float32)
