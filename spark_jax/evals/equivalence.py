@@ -103,9 +103,9 @@ _THOUSANDS_RE = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
 
 
 def normalize_answer(s: str) -> str:
-  """SPEC 2.3 string normalisation, used for the cheap equality check before math_verify.
+  """The string normalisation, used for the cheap equality check before math_verify.
 
-  SPEC 2.3 rules: remove newlines, `\\left`, `\\right` and spaces; `\\\\` -> `\\`; `lhs=rhs` with a
+  The rules of docs/method.md §2.3: remove newlines, `\\left`, `\\right` and spaces; `\\\\` -> `\\`; `lhs=rhs` with a
   left side of at most 3 characters keeps `rhs` ("x=5" -> "5"); `a/b` of integers -> `\\frac{a}{b}`.
   Additions (spellings that graders, math_verify included, treat as the same answer):
   surrounding `$`, `\\dfrac`/`\\tfrac` -> `\\frac`, LaTeX spacing commands, `^\\circ`, `\\%`, a whole-string
@@ -143,7 +143,7 @@ _INT_RE = re.compile(r"^[-+]?\d{1,100}$")  # Bounded: int() refuses strings over
 def quick_verdict(pred: str, golds: Sequence[str]) -> bool | None:
   """Settles a pair without math_verify when that is safe; None = ask math_verify.
 
-  True on normalized string equality with any gold (SPEC 2.3's first test). False when the prediction
+  True on normalized string equality with any gold (the first test of docs/method.md §2.3). False when the prediction
   and every gold are plain integers after normalisation and differ in value: math_verify compares
   integers exactly, so the verdict is the same, and integer answers (AIME, AMC, GSM8K, most of the
   Skywork pool) are most of what RL grades. ("025" and "25" are equal here, as in math_verify.)
@@ -278,7 +278,7 @@ def _parse(text: str) -> list[Any]:
 def is_equivalent(pred: Any, gold: Any, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> bool:
   """Whether the extracted answer `pred` equals `gold` (any of its answers, see `normalize_gold`).
 
-  Normalized string equality first (SPEC 2.3), then math_verify with both sides parsed as `$…$` (D11;
+  Normalized string equality first (docs/method.md §2.3), then math_verify with both sides parsed as `$…$` (D11;
   a prediction that already holds `$`, `\\(` or `\\[` is parsed as is). math_verify's own signal.alarm
   timeouts are always switched off (`parsing_timeout=None`, `timeout_seconds=None`): they would clobber
   our timer and they fail outside the main thread. Instead the whole check is bounded by `timeout_s`

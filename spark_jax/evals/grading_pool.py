@@ -140,8 +140,8 @@ class GradingPool:
       (distinct pairs), soft_timeouts, killed, crashes, worker_seconds, seconds.
 
   Workers start with the `spawn` method by default (`forkserver` also works): JAX processes must not fork.
-  A pool is driven by one thread at a time. As with any spawn-based multiprocessing, a script that creates a pool must guard its entry point with
-  `if __name__ == "__main__":`, because workers import the main module.
+  A pool is driven by one thread at a time. As with any spawn-based multiprocessing, a script that creates a
+  pool must guard its entry point with `if __name__ == "__main__":`, because workers import the main module.
   """
 
   def __init__(

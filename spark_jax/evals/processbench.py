@@ -1,4 +1,4 @@
-"""ProcessBench: loading, step rendering, the critic protocol, and the F1 metric (SPEC section 4).
+"""ProcessBench: loading, step rendering, the critic protocol, and the F1 metric (docs/method.md §4).
 
 ProcessBench (Zheng et al., 2024; 3,400 cases in four splits) gives a problem, a solution split into
 steps (paragraphs) and `label`: the 0-based index of the earliest wrong step, or -1 when every step is
@@ -217,10 +217,10 @@ _INDEX_RE = re.compile(r"^(?:paragraph[_\s]*)?(-?\d+)\.?$", re.IGNORECASE)
 def parse_critic_output(text: str | None, num_steps: int | None = None) -> int | None:
   """Reads the predicted index from the last `\\boxed{}` of a critic's output; None if unusable.
 
-  The reasoning trace is dropped first (`spark_jax.text.verdicts.split_thinking`, the one think rule). The box may hold `3`, `-1`, `$3$`, `\\text{3}` or
-  `paragraph_3`. With `num_steps`, an index outside -1..num_steps-1 is also None (the official script
-  would score it as an ordinary miss; either way it is wrong, and None makes it visible in the parse-
-  failure rate).
+  The reasoning trace is dropped first (`spark_jax.text.verdicts.split_thinking`, the one think rule). The
+  box may hold `3`, `-1`, `$3$`, `\\text{3}` or `paragraph_3`. With `num_steps`, an index outside
+  -1..num_steps-1 is also None (the official script would score it as an ordinary miss; either way it is
+  wrong, and None makes it visible in the parse-failure rate).
   """
   if not text:
     return None

@@ -17,15 +17,16 @@ Rules (host references in rl/rewards.py; both sides are tested to agree on rando
   steps     rl/rewards.policy_step_spans: a step opens at a `<step...>` tag and ends before the next tag,
             `</think>`, `</answer>` or the end (before a final newline); the output is, per step, the index of
             the token holding its last byte.
-  verdicts  the final Yes/No of text/verdicts.parse_final_verdict (four tiers, first tier with a match, last
+  verdicts  the final Yes/No of text/verdicts.parse_final_verdict (four tiers, first tier with a match, first
             match in it), plus the per-step verdicts in order: `**This step is correct.**` /
             `**This step is incorrect.**` markers (prm_cot) or `Step k: Correct|Incorrect` lines (prm), both
             after the `<think>` trace as text/verdicts strips it; orm: the whole output is Yes or No.
 
 Narrowings against the host rules (documented in docs/method.md; they only touch texts no trained PRM or
 policy writes): case folding, `\\s`, `\\d`, whitespace and word characters are ASCII (a byte >= 0x80 counts as
-a word character and as non-whitespace); a PRM output with a `<think>` after its first `</think>`, or a
-`<think>` that never closes, is flagged `unsupported` and gets no verdict (the host strips such blocks).
+a word character and as non-whitespace); a PRM output with a second `</think>`, or a `<think>` that never
+closes, is flagged `unsupported` and gets no verdict (the host reads the text after the first `</think>`
+verbatim, or resumes an unclosed trace at `## Step 1:`).
 """
 
 from __future__ import annotations
@@ -370,8 +371,8 @@ class VerdictTables:
 class VerdictResult:
   """final_N: int32, 1 Yes / 0 No / -1 none (also for unsupported rows). steps_NxK: int32 step verdicts in
   order, +1 correct / -1 incorrect, 0 past num_steps_N (or K). num_steps_N / correct_N / incorrect_N:
-  int32 counts (not capped at K). unsupported_N: bool: a `<think>` after the first `</think>`, a second
-  `</think>`, or a `<think>` that never closes (module docstring); such rows get no verdicts."""
+  int32 counts (not capped at K). unsupported_N: bool: a second `</think>`, or a `<think>` that never
+  closes (module docstring); such rows get no verdicts."""
 
   final_N: jax.Array
   steps_NxK: jax.Array
@@ -405,7 +406,7 @@ def run_verdicts(tables: VerdictTables, tokens_NxT: jax.Array, lengths_N: jax.Ar
   def think(c, op, present):
     opened, closes, unsupported = c
     is_open, is_close = present & (op == OP_THINK_OPEN), present & (op == OP_THINK_CLOSE)
-    unsupported = unsupported | (is_open & (closes > 0)) | (is_close & (closes > 0))
+    unsupported = unsupported | (is_close & (closes > 0))  # a second `</think>`: see VerdictResult
     return (opened | is_open, closes + is_close, unsupported), is_close & (closes == 0)
 
   def apply_final(c, op, t, first, last, last_nonempty, present):
@@ -417,7 +418,7 @@ def run_verdicts(tables: VerdictTables, tokens_NxT: jax.Array, lengths_N: jax.Ar
     tail = jnp.where(on(OP_QMARK), seg, jnp.where(on(OP_QMARK_AGAIN), _NONE_TIER, tail))
     seg = jnp.where(on(OP_QMARK) | on(OP_QMARK_AGAIN) | on(OP_BREAK), _NONE_TIER, seg)
     answer = on(OP_YES) | on(OP_NO)
-    take = answer & (tail < _NONE_TIER) & (tail <= best)
+    take = answer & (tail < _NONE_TIER) & (tail < best)  # the first match of the best tier sticks
     best, verdict = jnp.where(take, tail, best), jnp.where(take, on(OP_YES).astype(jnp.int32), verdict)
     t4 = jnp.where(on(OP_T4YES), 1, jnp.where(on(OP_T4NO), 0, t4))
     if_reset = lambda x, v: jnp.where(reset, v, x)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Self-consistency aggregation of verifications and the Stage II training targets (SPEC 2.6, D4-D7).
+"""Self-consistency aggregation of verifications and the Stage II training targets (docs/method.md §2.6, D4-D7).
 
 Input: for one solution, the N raw verifier outputs in sampling order (plus, optionally, merged
 meta-critique texts and reference-guided verifications). Output: one `VariantRecord` per data variant with

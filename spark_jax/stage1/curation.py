@@ -1,4 +1,4 @@
-"""Solution-pool curation (SPEC D2, 2.4): balance correct and incorrect solutions per problem.
+"""Solution-pool curation (D2, docs/method.md §2.4): balance correct and incorrect solutions per problem.
 
 `reference` balances on the ground-truth grade (the authors' pipeline); `verifier_majority` balances on
 the verifier's outcome-majority verdict instead (fully reference-free); `none` keeps every solution.

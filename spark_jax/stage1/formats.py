@@ -14,7 +14,7 @@ Row format (one JSON object per line in the SFT files; this is what the Stage II
     }
 
 The trainer applies the chat template of the base model and puts the loss on the assistant message only
-(D9). The user message is exactly the reward-model prompt used at RL time (SPEC 3.2), so training and
+(D9). The user message is exactly the reward-model prompt used at RL time (docs/method.md §3.2), so training and
 querying see the identical text. Targets per format:
 
   orm        "Yes" | "No"

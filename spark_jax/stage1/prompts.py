@@ -1,7 +1,7 @@
 """Prompt texts for SPARK Stage I (generator, verifier, critic, merger) and for the generative reward models.
 
-The wording is our own; only the structure follows the SPARK pipeline (SPEC 2.2, 2.5, 2.6, 3.2, 6). The
-output markers are different: they are a *format* that the parsers (`spark_jax.stage1.parsing`), the
+The wording is our own; only the structure follows the SPARK pipeline (docs/method.md §2.2, 2.5, 2.6, 3.2, 6). The
+output markers are different: they are a *format* that the parsers (`spark_jax.text.verdicts`), the
 aggregated training targets and the trained reward models all depend on, so they are defined once here and
 must match byte for byte:
 
@@ -19,11 +19,12 @@ full of `{` and `}`.
 
 from __future__ import annotations
 
-from spark_jax.text.rm import FINAL_VERDICT_QUESTION, STEP_CORRECT_MARKER, STEP_INCORRECT_MARKER, final_verdict_line, step_marker
+from spark_jax.text.rm import (FINAL_VERDICT_QUESTION, STEP_CORRECT_MARKER, STEP_INCORRECT_MARKER, final_verdict_line,
+                               step_marker)
 from spark_jax.text.verdicts import strip_thinking
 
 # --------------------------------------------------------------------------------------------------------
-# Generator (SPEC 2.2)
+# Generator (docs/method.md §2.2)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -49,7 +50,7 @@ def generator_prompt(problem: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Verifier, with and without the expected answer (SPEC 2.5, 2.6 reference-guided, 6.2)
+# Verifier, with and without the expected answer (docs/method.md §2.5, 2.6 reference-guided, 6.2)
 # --------------------------------------------------------------------------------------------------------
 
 # Worked example 1: a 3-step solution in which every step is right.
@@ -201,7 +202,7 @@ def verifier_prompt(problem: str, solution: str, expected_answer: str | None = N
 
 
 # --------------------------------------------------------------------------------------------------------
-# Meta-critique: critic, then merger (SPEC 2.6, D6)
+# Meta-critique: critic, then merger (docs/method.md §2.6, D6)
 # --------------------------------------------------------------------------------------------------------
 
 

@@ -89,7 +89,7 @@ _STEP_VERDICT_RE = re.compile(
 _NEGATION_RE = re.compile(r"\b(?:not|never|no|cannot|hardly)\b|n['\u2019]t\b", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"[.!?;\n]")
 
-# No-CoT PRM step line (SPEC 3.2): `Step 3: Incorrect`, optionally bold.
+# No-CoT PRM step line (docs/method.md §3.2): `Step 3: Incorrect`, optionally bold.
 _PRM_STEP_LINE_RE = re.compile(r"\bStep\s+(\d+)\s*:\s*(?:\*\*)?\s*(correct|incorrect)\b", re.IGNORECASE)
 
 # Final verdict tiers (decision 6). Group 1 = yes/no. `[^\n?]*` spans "(Yes/No)" without crossing lines.
