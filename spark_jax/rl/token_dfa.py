@@ -30,8 +30,8 @@ import numpy as np
 
 EOT = 256  # the virtual end-of-text byte
 _OP_BITS = 6  # per op: 4 bits of op id, 1 bit "on the token's last byte", 1 bit "on its first byte"
-_MAX_OPS = 4  # ops one token can emit from one state (24 bits), count in bits 24..26
-_COUNT_SHIFT = _OP_BITS * _MAX_OPS
+_OPS_PER_WORD = 5  # 30 bits of an int32; a field is 0 exactly when no op is there
+_MAX_OPS = 10  # ops one token may emit from one state (two words)
 
 ASCII_WS = frozenset(b" \t\n\r\x0b\x0c")  # str.strip() / the gate's whitespace, ASCII part
 REGEX_WS = ASCII_WS | frozenset(range(0x1c, 0x20))  # Python's \s on str, ASCII part
@@ -293,16 +293,17 @@ def _minimise(trans, ops, eot_ops, outs, op_seqs) -> ByteDfa:
 class TokenAutomaton:
   """A ByteDfa lifted to tokens (device arrays; a pytree, so it can be a jit argument).
 
-  next_VxS: int16/int32 next state. code_VxS: int32 packed ops: op j (0-based, in emission order) in bits
-  [6j, 6j+6) as `op_id << 2 | on_last_byte << 1 | on_first_byte`, their count in bits 24..26.
-  eot_code_S: the ops of the EOT step (both flags clear). outputs_SxO: per-row results of the
+  next_VxS: int16/int32 next state. code_VxSxW: int32 packed ops: op j (0-based, in emission order) in word
+  j // 5, bits [6 (j % 5), 6 (j % 5) + 6), as `op_id << 2 | on_last_byte << 1 | on_first_byte` (0 = no op);
+  W words, as many as the busiest token needs.
+  eot_code_SxW: the ops of the EOT step (both flags clear). outputs_SxO: per-row results of the
   state after EOT. nonempty_V: the token spells at least one byte. newline_V: the token spells exactly "\\n".
   max_ops: the most ops any single lookup emits (static: the scan unrolls that many).
   """
 
   next_VxS: jax.Array
-  code_VxS: jax.Array
-  eot_code_S: jax.Array
+  code_VxSxW: jax.Array
+  eot_code_SxW: jax.Array
   outputs_SxO: jax.Array
   nonempty_V: jax.Array
   newline_V: jax.Array
@@ -347,6 +348,7 @@ def compile_tokens(dfa: ByteDfa, token_bytes: Sequence[bytes], special_ids: Sequ
     if n:
       by_len.setdefault(int(n), []).append(i)
   mask6 = (1 << _OP_BITS) - 1
+  max_ops = 0
   for n, ids in by_len.items():
     for c0 in range(0, len(ids), chunk):
       idx = np.asarray(ids[c0:c0 + chunk])
@@ -374,7 +376,8 @@ def compile_tokens(dfa: ByteDfa, token_bytes: Sequence[bytes], special_ids: Sequ
         raise ValueError(f"automaton {machine.name!r}: token {bad} ({token_bytes[bad]!r}) emits more than "
                          f"{_MAX_OPS} ops from one state; mark repeatable ops in `collapse` or raise _MAX_OPS.")
       next_SxV[:, idx] = state
-      code_SxV[:, idx] = code | (count << _COUNT_SHIFT)
+      code_SxV[:, idx] = code
+      max_ops = max(max_ops, int(count.max(initial=0)))
   eot_code = np.zeros(S, np.int64)
   for st, k in enumerate(dfa.eot_ops_S):
     q = dfa.op_seqs[k]
@@ -382,12 +385,14 @@ def compile_tokens(dfa: ByteDfa, token_bytes: Sequence[bytes], special_ids: Sequ
       raise ValueError(f"automaton {machine.name!r} emits {len(q)} ops at the end of the text; at most {_MAX_OPS}.")
     for j, op in enumerate(q):
       eot_code[st] |= (op << 2) << (_OP_BITS * j)
-    eot_code[st] |= len(q) << _COUNT_SHIFT
-  max_ops = int(max((code_SxV >> _COUNT_SHIFT).max(initial=0), (eot_code >> _COUNT_SHIFT).max(initial=0)))
+    max_ops = max(max_ops, len(q))
+  W = max(1, -(-max_ops // _OPS_PER_WORD))
+  word_mask = (1 << (_OP_BITS * _OPS_PER_WORD)) - 1
+  words = lambda c: np.stack([(c >> (_OP_BITS * _OPS_PER_WORD * w)) & word_mask for w in range(W)], -1)  # noqa: E731
   state_dtype = jnp.int16 if S < 2 ** 15 else jnp.int32
   return TokenAutomaton(
-      next_VxS=jnp.asarray(next_SxV.T, state_dtype), code_VxS=jnp.asarray(code_SxV.T.astype(np.int32)),
-      eot_code_S=jnp.asarray(eot_code.astype(np.int32)),
+      next_VxS=jnp.asarray(next_SxV.T, state_dtype), code_VxSxW=jnp.asarray(words(code_SxV.T).astype(np.int32)),
+      eot_code_SxW=jnp.asarray(words(eot_code).astype(np.int32)),
       outputs_SxO=jnp.asarray(dfa.outputs_SxO), nonempty_V=jnp.asarray(lengths > 0),
       newline_V=jnp.asarray([i not in special and b == b"\n" for i, b in enumerate(token_bytes)]),
       max_ops=max_ops, output_names=machine.output_names, op_names=machine.op_names)
@@ -400,11 +405,10 @@ def compile_machine(machine: ByteMachine, token_bytes: Sequence[bytes], special_
 # ------------------------------------------------------------------------------------------------- running
 
 
-def decode_op(code, j: int):
-  """(op id, on first byte, on last byte, present) of the j-th op in a packed code (int32 arrays)."""
-  field = (code >> (_OP_BITS * j)) & ((1 << _OP_BITS) - 1)
-  present = j < ((code >> _COUNT_SHIFT) & 7)
-  return field >> 2, (field & 1) == 1, (field & 2) == 2, present
+def decode_op(code_NxW, j: int):
+  """(op id, on first byte, on last byte, present) of the j-th op of packed codes (int32 [N, W])."""
+  field = (code_NxW[:, j // _OPS_PER_WORD] >> (_OP_BITS * (j % _OPS_PER_WORD))) & ((1 << _OP_BITS) - 1)
+  return field >> 2, (field & 1) == 1, (field & 2) == 2, field != 0
 
 
 def scan(automaton: TokenAutomaton, tokens_NxT: jax.Array, lengths_N: jax.Array, init, apply_op):
@@ -423,7 +427,7 @@ def scan(automaton: TokenAutomaton, tokens_NxT: jax.Array, lengths_N: jax.Array,
     t, tok_N = xs
     active = t < lengths_N
     tok_N = jnp.where(active, tok_N, 0)
-    code = jnp.where(active, automaton.code_VxS[tok_N, state.astype(jnp.int32)], 0)
+    code = jnp.where(active[:, None], automaton.code_VxSxW[tok_N, state.astype(jnp.int32)], 0)
     for j in range(automaton.max_ops):
       op, first, last, present = decode_op(code, j)
       user = apply_op(user, op, jnp.full((N,), t, jnp.int32), first, last, last_nonempty, present)
@@ -435,7 +439,7 @@ def scan(automaton: TokenAutomaton, tokens_NxT: jax.Array, lengths_N: jax.Array,
 
   (state, last_nonempty, prev_nonempty, user), _ = jax.lax.scan(
       body, (state0, last0, last0, init), (jnp.arange(T, dtype=jnp.int32), tokens_NxT.T.astype(jnp.int32)))
-  code = automaton.eot_code_S[state.astype(jnp.int32)]
+  code = automaton.eot_code_SxW[state.astype(jnp.int32)]
   for j in range(automaton.max_ops):
     op, first, last, present = decode_op(code, j)
     user = apply_op(user, op, jnp.full((N,), -1, jnp.int32), first, last, last_nonempty, present)
