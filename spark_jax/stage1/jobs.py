@@ -177,6 +177,8 @@ def run_generate(config) -> dict:
       "curation_counts": curation_counts,
       "finish_reasons": dict(collections.Counter(s["finish_reason"] for s in all_solutions)),
       "no_extracted_answer": sum(s["extracted_answer"] is None for s in all_solutions),
+      # A trace that never closed leaves no visible solution (the one think rule, text/verdicts decision 1).
+      "empty_solutions": sum(not s["solution"] for s in all_solutions),
       "correct_fraction": (sum(bool(s["is_correct"]) for s in all_solutions) / len(all_solutions))
                           if has_truth else None,
       **timing,
