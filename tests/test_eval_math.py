@@ -55,6 +55,8 @@ class ScriptedModel:
         right = index % 2 == 0 if temperature == 0.0 else j < index % 4
         answer = item["answer"] if right else "-987654321"
         text = f"<think><step>Work.</step></think><answer>\\boxed{{{answer}}}</answer>"
+        if index % 5 == 4:  # text after </answer> breaks the format gate, not the grade
+          text += " Done."
         per.append(Completion(text, 10 + j, "length" if (index + j) % 3 == 0 else "stop"))
       out.append(per)
     return out
@@ -80,7 +82,10 @@ def test_scores_follow_the_scripted_answers(tmp_path):
   expected = sum((i % 3 == 0) + sum((i + j) % 3 == 0 for j in range(4)) for i in range(24)) / (24 * 5) * 100
   assert scores["average"]["truncated"] == pytest.approx(expected)
   table = open(tmp_path / "e" / "table.md").read().splitlines()
-  assert table[0] == "| benchmark | n | pass@1 (%) | avg@4 (%) | pass@4 (%) | truncated (%) |"
+  # The format gate: problems with index % 5 == 4 append text after </answer> (4 of the 24 problems).
+  assert [scores[b]["format_ok"] for b in math_benchmarks.BENCHMARKS] == [100.0, 75.0, 75.0, 75.0, 75.0, 100.0]
+  assert scores["average"]["format_ok"] == pytest.approx(100 * 20 / 24)
+  assert table[0] == "| benchmark | n | pass@1 (%) | avg@4 (%) | pass@4 (%) | format_ok (%) | truncated (%) |"
   assert table[2].startswith("| math500 | 4 | 50.0 | 37.5 | 75.0 |") and table[-1].startswith("| **average** | 24 |")
   assert summary["average"]["avg@4"] == 37.5 and summary["problems"] == 24
   # The policy prompt by default: the step-tagged format is requested.
@@ -103,7 +108,7 @@ def test_samples_only(tmp_path):
   config = _config(tmp_path / "e", greedy=False, num_samples=4, benchmarks=("math500",))
   model = ScriptedModel(_items(config))
   scores = math_eval.run_eval_math(config, model=model)["scores"]
-  assert list(scores["average"]) == ["n", "avg@4", "pass@4", "truncated"] and model.calls == 1
+  assert list(scores["average"]) == ["n", "avg@4", "pass@4", "format_ok", "truncated"] and model.calls == 1
   assert scores["math500"]["avg@4"] == 37.5 and scores["math500"]["pass@4"] == 75.0
 
 
@@ -153,7 +158,7 @@ def test_tiny_random_model_end_to_end(tmp_path):
   scores = summary["scores"]
   assert list(scores) == ["aime24", "amc23", "average"]
   assert scores["aime24"]["n"] == scores["amc23"]["n"] == 2 and scores["average"]["n"] == 4
-  assert set(scores["average"]) == {"n", "pass@1", "avg@2", "pass@2", "truncated"}
+  assert set(scores["average"]) == {"n", "pass@1", "avg@2", "pass@2", "format_ok", "truncated"}
   # 4 new tokens cannot end a chat turn on random weights unless the end-of-turn token is drawn.
   assert scores["average"]["truncated"] > 50.0
   records = [json.loads(line) for f in sorted(os.listdir(tmp_path / "e")) if re.match(r"predictions-.*\.jsonl$", f)

@@ -9,7 +9,8 @@ answers (T = `temperature`, top_p = `top_p`), each graded against the gold answe
   pass@k   at least one of the k samples correct, %
 
 and their unweighted mean over the benchmarks (each benchmark counts once, as in published tables), with
-the share of responses that hit the token budget.
+the share of responses that hit the token budget and, for the policy prompt, the share that pass the RL
+format gate (`spark_jax.rl.rewards.format_ok`: the answer a policy is rewarded for must also be well formed).
 
 The prompt is the policy's own (`spark_jax.rl.policy`, `<think>/<step>/<answer>`), so a policy is evaluated
 in the format it was trained in; `prompt_template="generator"` uses Stage I's generator prompt instead, for
@@ -89,8 +90,12 @@ def _check_settings(out_dir: str, settings: dict) -> None:
     io.write_json_atomic(path, settings)
 
 
-def _graded(completions, golds_per, pool, timeout_s) -> list[list[dict]]:
-  """Completions (one list per problem) -> dicts with the extracted answer and its grade."""
+def _graded(completions, golds_per, pool, timeout_s, template: str) -> list[list[dict]]:
+  """Completions (one list per problem) -> dicts with the extracted answer, its grade and (policy prompt) whether
+  the response passes the RL format gate."""
+  gate = None
+  if template == "policy":
+    from spark_jax.rl.rewards import format_ok as gate
   flat = [(i, c) for i, cs in enumerate(completions) for c in cs]
   preds = [grading.extract_answer(c.text) for _, c in flat]
   # pool=None grades in this process (grading_workers=0): for debugging and tiny runs, see grade_batch.
@@ -99,7 +104,7 @@ def _graded(completions, golds_per, pool, timeout_s) -> list[list[dict]]:
   out: list[list[dict]] = [[] for _ in completions]
   for (i, c), pred, ok in zip(flat, preds, verdicts):
     out[i].append({"text": c.text, "extracted": pred, "correct": bool(ok), "num_tokens": c.num_tokens,
-                   "finish_reason": c.finish_reason})
+                   "finish_reason": c.finish_reason, "format_ok": None if gate is None else bool(gate(c.text))})
   return out
 
 
@@ -117,9 +122,12 @@ def score(records: list[dict], benchmarks: Sequence[str], k: int) -> dict:
     if k:
       entry[f"avg@{k}"] = 100.0 * sum(sum(s["correct"] for s in r["samples"]) / k for r in rows) / len(rows)
       entry[f"pass@{k}"] = 100.0 * sum(any(s["correct"] for s in r["samples"]) for r in rows) / len(rows)
+    if responses and all(s.get("format_ok") is not None for s in responses):
+      entry["format_ok"] = 100.0 * sum(s["format_ok"] for s in responses) / len(responses)
     entry["truncated"] = 100.0 * sum(s["finish_reason"] == "length" for s in responses) / max(len(responses), 1)
     scores[name] = entry
-  metrics = [m for m in ("pass@1", f"avg@{k}", f"pass@{k}", "truncated") if all(m in e for e in scores.values())]
+  metrics = [m for m in ("pass@1", f"avg@{k}", f"pass@{k}", "format_ok", "truncated")
+             if all(m in e for e in scores.values())]
   if scores:
     scores["average"] = {"n": sum(e["n"] for e in scores.values()),
                          **{m: sum(e[m] for e in scores.values()) / len(scores) for m in metrics}}
@@ -173,9 +181,10 @@ def run_eval_math(config, model: Sampler | None = None) -> dict:
     kwargs = dict(max_new_tokens=config.max_new_tokens, prompt_indices=[it["_index"] for it in batch],
                   seed=config.seed, enable_thinking=thinking)
     greedy = (_graded(model.sample(messages, num_samples=1, temperature=0.0, **kwargs), golds, pool,
-                      config.grading_timeout_s) if config.greedy else [[] for _ in batch])
+                      config.grading_timeout_s, config.prompt_template) if config.greedy else [[] for _ in batch])
     samples = (_graded(model.sample(messages, num_samples=config.num_samples, temperature=config.temperature,
-                                    top_p=config.top_p, **kwargs), golds, pool, config.grading_timeout_s)
+                                    top_p=config.top_p, **kwargs), golds, pool, config.grading_timeout_s,
+                       config.prompt_template)
                if config.num_samples else [[] for _ in batch])
     return [{"id": it["id"], "benchmark": it["benchmark"], "answer": it["answer"],
              "greedy": g[0] if g else None, "samples": s,
