@@ -24,6 +24,8 @@ that.
 Metrics are `((column, "file:dotted.path"), ...)` read from each cell directory: `summary.json` when no file is given;
 a `.jsonl` file (e.g. a training metrics log) gives the last row that holds the path. `{axis}` in a spec is
 replaced by the cell's label for that axis, e.g. `aggregate/summary.json:data_quality.{variant}.final.all.accuracy`.
+A metric absent in some cells is left blank there (and listed in results.json); absent in every cell, it is an
+error (a wrong spec).
 """
 
 from __future__ import annotations
@@ -290,6 +292,10 @@ def _resolve(obj: Any, dotted: str) -> tuple[bool, Any]:
   return True, obj
 
 
+class MetricMissing(LookupError):
+  """A metric's file or path is absent in a cell (the message names the spec, file and where the path stops)."""
+
+
 def read_metric(cell_dir: str, spec: str, labels: Mapping[str, Any]) -> Any:
   """One metric of one cell (see the module docstring for `spec`)."""
 
@@ -305,37 +311,51 @@ def read_metric(cell_dir: str, spec: str, labels: Mapping[str, Any]) -> Any:
     file, dotted = SUMMARY_FILE, resolved
   path = os.path.join(cell_dir, file)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"metric {spec!r}: {path} does not exist; check the file part of the metric.")
+    raise MetricMissing(f"metric {spec!r}: {path} does not exist; check the file part of the metric.")
   if file.endswith(".jsonl"):
     rows = io.read_records(path, on_error="raise")
     for row in reversed(rows):
       ok, value = _resolve(row, dotted)
       if ok:
         return value
-    raise KeyError(f"metric {spec!r}: no row of {path} has {dotted!r}.")
+    raise MetricMissing(f"metric {spec!r}: no row of {path} has {dotted!r}.")
   with open(path) as f:
     data = json.load(f)
   ok, value = _resolve(data, dotted)
   if not ok:
     keys = sorted(value) if isinstance(value, Mapping) else type(value).__name__
-    raise KeyError(f"metric {spec!r}: {path} has no {dotted!r} (the path stops at a level with keys {keys}).")
+    raise MetricMissing(f"metric {spec!r}: {path} has no {dotted!r} (the path stops at a level with keys {keys}).")
   return value
 
 
-def collect(grid: Grid) -> list[dict]:
-  """One row per cell: its name, labels and metrics. Every cell must be finished."""
+def collect(grid: Grid) -> tuple[list[dict], dict[str, list[str]]]:
+  """One row per cell (its name, labels and metrics) and, per column, the cells that lack the metric.
+
+  A metric absent in some cells is a result (e.g. a data variant that kept no solution trained no PRM): the
+  cell is left blank and named in the second return value. Absent in every cell, it is a wrong spec: an error.
+  """
   pending = [c["name"] for c in grid.cells if not grid.finished(c)]
   if pending:
     raise RuntimeError(f"grid {grid.config.name!r}: {len(pending)} cell(s) not finished (e.g. {pending[0]}); run "
                        "the grid (or every worker) first.")
-  rows = []
+  rows, missing, first_error = [], {}, {}
   for cell in grid.cells:
     grid.check_cell_file(cell)
     row = {"cell": cell["name"], **{a: cell["labels"].get(a) for a in grid.axes}}
     for column, spec in grid.metrics.items():
-      row[column] = read_metric(cell["dir"], spec, cell["labels"])
+      try:
+        row[column] = read_metric(cell["dir"], spec, cell["labels"])
+      except MetricMissing as e:
+        row[column] = None
+        missing.setdefault(column, []).append(cell["name"])
+        first_error.setdefault(column, e)
     rows.append(row)
-  return rows
+  for column, cells in missing.items():
+    if len(cells) == len(grid.cells):
+      raise first_error[column]
+    logging.warning("grid %s: metric %r is absent in %d of %d cells (left blank): %s", grid.config.name, column,
+                    len(cells), len(grid.cells), first_error[column])
+  return rows, missing
 
 
 def _format(value: Any) -> str:
@@ -348,7 +368,7 @@ def _format(value: Any) -> str:
   return str(value)
 
 
-def write_table(grid: Grid, rows: list[dict]) -> dict[str, str]:
+def write_table(grid: Grid, rows: list[dict], missing: Mapping[str, list[str]]) -> dict[str, str]:
   import csv
   columns = list(rows[0]) if rows else ["cell"]
   paths = {"csv": os.path.join(grid.workdir, "table.csv"), "markdown": os.path.join(grid.workdir, "table.md"),
@@ -363,7 +383,7 @@ def write_table(grid: Grid, rows: list[dict]) -> dict[str, str]:
   markdown = "\n".join(lines)
   io.write_text_atomic(paths["markdown"], f"# grid {grid.config.name}\n\nbase: `{grid.config.base}`\n\n{markdown}\n")
   io.write_json_atomic(paths["json"], {"grid": grid.config.name, "base": grid.config.base, "axes": grid.axes,
-                                       "metrics": grid.metrics, "rows": rows})
+                                       "metrics": grid.metrics, "rows": rows, "missing": dict(missing)})
   print(markdown)
   return paths
 
@@ -429,13 +449,13 @@ def run_grid(config) -> dict:
     if config.mode == "collect":
       collect(grid)  # raises, naming the unfinished cells
     return summary
-  rows = collect(grid)
-  paths = write_table(grid, rows)
+  rows, missing = collect(grid)
+  paths = write_table(grid, rows, missing)
   plot = plot_grid(grid, rows)
   if plot:
     paths["plot"] = plot
   for kind, path in paths.items():
     print(f"grid {config.name}: {kind} -> {path}")
-  summary.update(paths=paths, rows=rows)
+  summary.update(paths=paths, rows=rows, missing=missing)
   io.write_summary(grid.workdir, summary)
   return summary

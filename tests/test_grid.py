@@ -117,6 +117,18 @@ def test_crash_and_restart_runs_only_missing_cells(toy):
   assert _calls(root / "g") == [] and _table(root / "g") == before
 
 
+def test_metric_absent_in_some_cells_is_blank(toy):
+  root, base = toy
+  metrics = (("value", "result.value"), ("step_only", "result.by_step"), ("late", "nope.jsonl:x"))
+  cells = grid_lib.product({"mode": ("outcome", "step")})
+  with pytest.raises(grid_lib.MetricMissing, match=r"nope.jsonl does not exist"):  # absent everywhere: a typo
+    jobs.run(_config(root / "g", base, cells=cells, metrics=metrics))
+  summary = jobs.run(_config(root / "g", base, cells=cells, metrics=metrics[:2], mode="collect"))
+  assert [r["step_only"] for r in summary["rows"]] == [None, 20.0]
+  assert summary["missing"] == {"step_only": ["mode=outcome"]}
+  assert _table(root / "g")[1:] == [["mode=outcome", "outcome", "1", ""], ["mode=step", "step", "2", "20"]]
+
+
 def test_cell_started_under_another_config_is_refused(toy):
   root, base = toy
   cells = [{"labels": {"n": 4}, "overrides": {"model.n": 4, "scale": 1.0}}]
@@ -158,7 +170,8 @@ def test_bad_override_key_names_it(toy):
   with pytest.raises(KeyError, match=r"placeholder \{variant\} is not an axis of cell n=2"):
     jobs.run(_config(root / "h", base, cells=[{"model.n": 2}], metrics=(("x", "result.by_{variant}"),)))
   assert not os.path.exists(root / "h" / "cells")
-  with pytest.raises(KeyError, match=r"metric 'result.nope'.* has no 'result.nope'.*keys \['by_outcome', 'value'\]"):
+  with pytest.raises(grid_lib.MetricMissing,
+                     match=r"metric 'result.nope'.* has no 'result.nope'.*keys \['by_outcome', 'value'\]"):
     jobs.run(_config(root / "g", base, cells=[{"model.n": 2}], metrics=(("x", "result.nope"),)))
   with pytest.raises(ValueError, match="same labels"):
     grid_lib.Grid(_config(root / "i", base, cells=[{"model.n": 2}, {"model.n": 2}]))
