@@ -20,8 +20,10 @@ POLICY_FRAGS = ["\\boxed{", "\\\\boxed{", "\\boxed{42}", "}", "{", "<answer>", "
                 "\\frac{1}{2}", "<steps", "</Answer>", "\r", "\x0b", "\xa0", "ok."]
 RM_FRAGS = ["**This step is correct.**", "**This step is incorrect.**", "**THIS STEP IS Correct.**",
             "**This step is correct**", "Step 1: Correct", "Step 2:incorrect", "step 3 : **Incorrect",
-            "xStep 4: correct", "Step 5: Correctly", "## Step 1: title\n", "Verification: Is the answer correct (Yes/No)? ",
-            "**Verification: Is the answer correct (Yes/No)? Yes**", "**Verification: Is the answer correct (Yes/No)? No**",
+            "xStep 4: correct", "Step 5: Correctly", "## Step 1: title\n",
+            "Verification: Is the answer correct (Yes/No)? ",
+            "**Verification: Is the answer correct (Yes/No)? Yes**",
+            "**Verification: Is the answer correct (Yes/No)? No**",
             "Is the answer correct? No", "Is the answer correct? ", "answer correct", "? no",
             "Verification:\n **Is the answer correct", "?", "??", "? ", "Yes", "No", "yes", "NO", "Not", "Yesterday",
             "\\boxed{", "}", "**", "*", ".", "!", " ", "\n", "\n\n", "\t", "<think>", "</think>", "é", "x", "(Yes/No)",
