@@ -70,7 +70,7 @@ def load_items(config) -> list[dict]:
 
 
 def _settings(config) -> dict:
-  return {"model": config.model.name, "prompt_template": config.prompt_template,
+  return {"model": config.model.name, "dtype": config.model.dtype, "prompt_template": config.prompt_template,
           "benchmarks": list(config.benchmarks), "limit": config.limit, "greedy": config.greedy,
           "num_samples": config.num_samples, "temperature": config.temperature, "top_p": config.top_p,
           "max_new_tokens": config.max_new_tokens, "thinking": config.thinking, "seed": config.seed}
@@ -109,7 +109,8 @@ def _graded(completions, golds_per, pool, timeout_s, template: str) -> list[list
 
 
 def score(records: list[dict], benchmarks: Sequence[str], k: int) -> dict:
-  """{benchmark: {n, pass@1, avg@k, pass@k, truncated}, "average": the unweighted mean over benchmarks}."""
+  """{benchmark: {n, pass@1, avg@k, pass@k, format_ok, truncated} (those that apply), "average": the unweighted
+  mean over benchmarks}."""
   scores: dict[str, dict] = {}
   for name in benchmarks:
     rows = [r for r in records if r["benchmark"] == name]
