@@ -24,6 +24,13 @@ and an XLA CPU client made torch's generate 4-10x slower. A worker times one war
            time; at larger batches the decode step's GFLOP/s (2 x params x rows + attention).
 HF gets the best of 1 and 2 torch threads. Two-core machines vary 10-25% between runs and with other load:
 compare the columns of one run, not runs.
+
+Padding (--padding): decode steps and warm-call seconds of one batch of 3 real prompts padded to 4 rows
+(SmolLM2 fp32, greedy, max_new_tokens 64 by default), the real rows stopping after at most 2 tokens (each
+row's second greedy token is a stop token), with the padding row active (what the engine did before
+`row_active_N`) and inactive (what it does now).
+
+    python benchmarks/sampling.py --padding [--new-tokens 64] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -224,6 +231,35 @@ def cpu_benchmark(args) -> None:
   print(f"measured read bandwidth (XLA sum over 512 MiB): {bw / 1e9:.1f} GB/s")
 
 
+def padding_benchmark(args) -> None:
+  import jax
+  import jax.numpy as jnp
+  from spark_jax import models, sampling
+  from spark_jax.models.gguf import smollm2_checkpoint
+  from spark_jax.sampling import core
+
+  cfg, params = models.from_pretrained(smollm2_checkpoint())
+  real = _cpu_prompts(cfg.vocab_size, 3, 16)
+  P, M = 16, args.new_tokens
+  tokens = np.zeros((4, P), np.int32)
+  tokens[:3] = real
+  lengths = np.array([P, P, P, 1], np.int32)  # the engine's padding prompt: one token of id 0
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  run = jax.jit(core.generate_core, static_argnums=(0, 5))
+  free = run(cfg, params, tokens, lengths, keys, core.SamplingParams(max_new_tokens=2))
+  stops = tuple(sorted({int(t) for t in np.asarray(free.tokens_NxM)[:3, 1]}))
+  settings = core.SamplingParams(max_new_tokens=M, stop_token_ids=stops)
+  print(f"SmolLM2-135M fp32, 3 prompts of {P} tokens + 1 padding row, greedy, max_new_tokens {M}, "
+        f"stop ids {list(stops)} (each real row's 2nd greedy token)")
+  print(_row(["padding row", "steps", "real lengths", "warm s"], [12, 6, 14, 8]))
+  for name, active in [("active", None), ("inactive", jnp.asarray([True, True, True, False]))]:
+    out = jax.block_until_ready(run(cfg, params, tokens, lengths, keys, settings, row_active_N=active))
+    seconds = _time(lambda: jax.block_until_ready(run(cfg, params, tokens, lengths, keys, settings,
+                                                      row_active_N=active)), args.repeats)
+    print(_row([name, int(out.steps), str(np.asarray(out.lengths_N)[:3].tolist()), f"{seconds:.3f}"],
+               [12, 6, 14, 8]), flush=True)
+
+
 def _copy_bandwidth() -> float:
   """Device copy bandwidth in bytes/s (read + write of a 1 GiB buffer)."""
   import jax
@@ -272,18 +308,25 @@ def main(argv=None) -> None:
   parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
   parser.add_argument("--presets", type=lambda s: s.split(","), default=["qwen2.5-1.5b", "qwen2.5-7b"])
   parser.add_argument("--prompt-len", type=int, default=128)
-  parser.add_argument("--new-tokens", type=int, default=128)
+  parser.add_argument("--new-tokens", type=int, default=None, help="default: 128 (64 with --padding)")
   parser.add_argument("--repeats", type=int, default=1, help="timed calls per worker (the best is kept)")
   parser.add_argument("--rounds", type=int, default=3, help="CPU: worker processes per cell (median shown)")
   parser.add_argument("--skip-hf", action="store_true", help="CPU: our engine only")
+  parser.add_argument("--padding", action="store_true", help="decode steps with a padding row active/inactive")
   parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.new_tokens is None:
+    args.new_tokens = 64 if args.padding else 128
   if args.worker:
     result = cpu_worker(args)
     with open(args.out, "w") as f:
       json.dump(result, f)
+    return
+  if args.padding:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    padding_benchmark(args)
     return
   if args.batches is None:
     args.batches = [1, 64, 256] if args.gpu else [1, 8, 32]

@@ -109,11 +109,17 @@ def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
   return max(MIN_PROMPT_BUCKET, _next_pow2(n))
 
 
+@jax.jit
+def _row_keys_jit(base, prompt_indices_B, samples_S):
+  per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, prompt_indices_B)
+  return jax.vmap(lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, samples_S))(per_prompt)
+
+
 def _row_keys(seed: int, prompt_indices: np.ndarray, num_samples: int) -> np.ndarray:
-  """Raw uint32 key data, one key per decode row: fold_in(fold_in(PRNGKey(seed), prompt index), sample)."""
-  base = jax.random.PRNGKey(seed)
-  per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(prompt_indices, jnp.uint32))
-  per_row = jax.vmap(lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, jnp.arange(num_samples)))(per_prompt)
+  """Raw uint32 key data, one key per decode row: fold_in(fold_in(PRNGKey(seed), prompt index), sample).
+
+  Jitted: run op by op, the nested vmaps cost more host time per batch than a small model's whole batch."""
+  per_row = _row_keys_jit(jax.random.PRNGKey(seed), np.asarray(prompt_indices, np.uint32), np.arange(num_samples))
   return np.asarray(per_row).reshape(len(prompt_indices) * num_samples, -1)
 
 
