@@ -13,6 +13,8 @@ Grids:
                                 trains them.
   stage1_demo_n_x_aggregation   N in {1, 4} x aggregation in {outcome, step}: Stage I's label accuracy
                                 against the ground truth (configs/stage1.py:demo, SmolLM2-135M; slow on CPU)
+  smoke                         two random tiny presets through inspect_model: the grid machinery end to end
+                                in a minute (what the CLI test runs)
 
 A new grid is a function below that returns `grid_config(...)`, added to GRIDS.
 """
@@ -85,7 +87,16 @@ def world_n_x_aggregation():
   return grid_config("world_n_x_aggregation", "configs/demo.py", cells, _WORLD_METRICS, plot_x="N")
 
 
+def smoke():
+  cells = product({"model.name": ("tiny-llama", "tiny-qwen2")})
+  cells = with_overrides(cells, {"model.init": "random", "model.dtype": "float32", "max_new_tokens": 2})
+  metrics = (("prompt_tokens", "prompt_tokens"), ("prompt_perplexity", "prompt_perplexity"),
+             ("finish_reason", "finish_reason"))
+  return grid_config("smoke", "configs/inspect_model.py", cells, metrics)
+
+
 GRIDS = {
+    "smoke": smoke,
     "world_n_x_aggregation": world_n_x_aggregation,
     "stage1_demo_n_x_aggregation": stage1_demo_n_x_aggregation,
 }

@@ -250,3 +250,29 @@ def test_plot_helpers_reject_bad_input(tmp_path):
   with pytest.raises(TypeError, match="group '' has non-numeric values \\{'a': 'x'\\}"):
     plots.bar_chart(str(tmp_path / "x.png"), {"a": "x"})
   assert not os.path.exists(tmp_path / "x.png")  # nothing half-written
+
+
+def test_cli_runs_the_smoke_grid_with_two_workers(tmp_path):
+  """`python -m spark_jax.main --config=configs/grid.py:smoke` as two workers on one workdir, then `collect`."""
+  import subprocess
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+  def main(*extra):
+    result = subprocess.run([sys.executable, "-m", "spark_jax.main", "--config=configs/grid.py:smoke",
+                             f"--config.workdir={tmp_path}", *extra], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+  first = main("--config.worker=0", "--config.num_workers=2")
+  assert "still to run by worker(s) [1]" in first.stdout  # one cell each and not os.path.exists(tmp_path / "table.csv")
+  main("--config.worker=1", "--config.num_workers=2")
+  rows = _table(tmp_path)
+  assert rows[0] == ["cell", "model.name", "prompt_tokens", "prompt_perplexity", "finish_reason"]
+  assert [r[:3] for r in rows[1:]] == [["name=tiny-llama", "tiny-llama", "51"], ["name=tiny-qwen2", "tiny-qwen2", "51"]]
+  # Random weights: a perplexity well above 1, different per model (each cell ran its own model).
+  assert all(float(r[3]) > 10 for r in rows[1:]) and rows[1][3] != rows[2][3]
+  os.remove(tmp_path / "table.csv")
+  assert "csv -> " in main("--config.mode=collect").stdout and _table(tmp_path) == rows
+  assert _is_png(tmp_path / "grid.png")
