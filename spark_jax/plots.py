@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Any, Mapping, Sequence
 
 Series = Mapping[str, tuple[Sequence[Any], Sequence[float]]]

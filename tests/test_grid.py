@@ -204,7 +204,8 @@ def test_grid_config_file_loads_and_validates():
     g = grid_lib.Grid(config)  # loads the base config and applies every cell's overrides
     assert len(g.cells) >= 2 and len({c["dir"] for c in g.cells}) == len(g.cells)
   world = grid_lib.Grid(grid_configs.get_config("world_n_x_aggregation"))
-  assert [c["name"] for c in world.cells] == [f"N={n}__aggregation={a}" for n in (1, 4, 16) for a in ("outcome", "step")]
+  assert [c["name"] for c in world.cells] == [f"N={n}__aggregation={a}" for n in (1, 4, 16)
+                                              for a in ("outcome", "step")]
   assert world.cells[5]["config"].quick_settings.stage1.num_verifications == 16
   with pytest.raises(ValueError, match="is not a grid"):
     grid_configs.get_config("nope")
