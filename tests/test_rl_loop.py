@@ -101,3 +101,122 @@ def test_padding_helpers():
   t, n = rl_loop.right_pad([[1, 2], [3]], 3)
   assert t.tolist() == [[1, 2, 0], [3, 0, 0]] and n.tolist() == [2, 1]
   assert np.asarray(t).dtype == np.int32
+
+
+# ------------------------------------------------------------------------------- the job, end to end
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def job_files(tmp_path_factory):
+  """A tiny BPE whose merges make `\\boxed{7}` a few tokens (a random policy writes it now and then, so rlvr
+  rewards vary), and RL prompts whose answer is 7."""
+  from tokenizers import Tokenizer as HFTokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+  d = tmp_path_factory.mktemp("rl_job")
+  tok = HFTokenizer(tok_models.BPE())
+  # No pre-tokenizer split (use_regex=False): merges may cross punctuation, so `\\boxed{7}` becomes one token.
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(["\\boxed{7}"] * 50, trainer)
+  tok.save(str(d / "tokenizer.json"))
+  (d / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+      "chat_template": CHATML, "clean_up_tokenization_spaces": False}))
+  data = _write_jsonl(d / "prompts.jsonl", [{"problem": f"What is {i} + {7 - i}?", "answer": "7"} for i in range(8)])
+  return str(d), data
+
+
+def _job_args(tok_dir, data, workdir, *extra):
+  return ["--config=configs/rl.py", f"--config.workdir={workdir}", "--config.policy.name=tiny-qwen2",
+          "--config.policy.init=random", "--config.policy.dtype=float32", "--config.policy.remat=none",
+          f"--config.tokenizer={tok_dir}", f"--config.data.train={data}", "--config.data.val=", "--config.data.template=bare",
+          "--config.mesh.fsdp=1", "--config.mesh.data=-1", "--config.reward.type=rlvr",
+          "--config.prompts_per_step=4", "--config.group_size=4", "--config.max_prompt_tokens=64",
+          "--config.max_response=16", "--config.lr=0.01", "--config.beta=0.01", "--config.mini_batches=2",
+          f"--config.num_steps={STEPS}", "--config.checkpoint_every=1", "--config.progress_bar=False",
+          "--config.export_dir=none", *extra]
+
+
+def _main(args, **kw):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  return subprocess.run([sys.executable, "-m", "spark_jax.main", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, **kw)
+
+
+TIMING = ("time", "tokens_per_s", "step_time_s")
+
+
+def _metrics(workdir):
+  last = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      last[row["step"]] = {k: v for k, v in row.items() if not any(t in k for t in TIMING)}
+  return last
+
+
+def test_rl_job_resumes_after_sigkill_with_identical_metrics(job_files, tmp_path):
+  tok_dir, data = job_files
+  ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
+  done = _main(_job_args(tok_dir, data, ref), timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  reference = _metrics(ref)
+  assert sorted(reference) == list(range(1, STEPS + 1))
+  assert any(m["reward_mean"] > 0 for m in reference.values()), "rewards never varied: the test proves nothing"
+  assert reference[STEPS]["kl"] > 0  # the policy moved away from its reference
+  proc = subprocess.Popen([sys.executable, "-m", "spark_jax.main", *_job_args(tok_dir, data, killed)], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpts = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpts) and any(n.isdigit() and int(n) >= 2 for n in os.listdir(ckpts)):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the job finished before it could be killed; make the run longer"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  again = _main(_job_args(tok_dir, data, killed), timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  resumed = _metrics(killed)
+  assert sorted(resumed) == sorted(reference)
+  for step in reference:
+    for k, v in reference[step].items():
+      assert resumed[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
+  with open(os.path.join(killed, "summary.json")) as f:
+    assert json.load(f)["final_step"] == STEPS
+
+
+def test_rl_job_sigterm_checkpoints_and_exits_cleanly(job_files, tmp_path):
+  tok_dir, data = job_files
+  workdir = str(tmp_path / "term")
+  proc = subprocess.Popen([sys.executable, "-m", "spark_jax.main",
+                           *_job_args(tok_dir, data, workdir, "--config.num_steps=50")], cwd=REPO,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["interrupted"] is True and 1 <= summary["final_step"] < 50
+  assert str(summary["final_step"]) in os.listdir(os.path.join(workdir, "checkpoints"))

@@ -43,8 +43,11 @@ def policy_prompt_ids(tokenizer, problem: str, *, template: str = "chat") -> lis
   template: "chat" renders our policy message with the tokenizer's chat template and opens the assistant
   turn; "plain" writes `User: <message>\\nAssistant:` as raw text (base models without a chat template, the
   way format-SFT data for a base model is laid out); "generator" sends the Stage I generator's message
-  through the chat template (a policy format-trained on that prompt, as the embedded world's is).
+  through the chat template (a policy format-trained on that prompt, as the embedded world's is); "bare" sends
+  the problem alone through the chat template (a policy whose format SFT had no instructions).
   """
+  if template == "bare":
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": problem}]))
   if template == "generator":
     from spark_jax.stage1.prompts import generator_prompt
     return list(tokenizer.apply_chat_template([{"role": "user", "content": generator_prompt(problem)}]))
@@ -53,7 +56,7 @@ def policy_prompt_ids(tokenizer, problem: str, *, template: str = "chat") -> lis
     return list(tokenizer.apply_chat_template([{"role": "user", "content": message}]))
   if template == "plain":
     return list(tokenizer.encode(f"User: {message}\nAssistant:"))
-  raise ValueError(f"policy template={template!r}; use 'chat', 'plain' or 'generator'.")
+  raise ValueError(f"policy template={template!r}; use 'chat', 'plain', 'generator' or 'bare'.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,12 +43,14 @@ def make_reward_tables(tokenizer, settings: RolloutSettings, prm_tokenizer, voca
   return RewardTables(gate, verdicts, steps, template)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _Steps:  # the fields of automata.StepResult / VerdictResult the advantage functions read
   ends_NxK: Any = None
   count_N: Any = None
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _Verdicts:
   steps_NxK: Any = None
