@@ -38,7 +38,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from spark_jax.rl.token_dfa import (ALL, ASCII_WS, DIGITS, EOT, REGEX_WS, WORD_END, WORD_START, ByteMachine, Searcher,
+from spark_jax.rl.token_dfa import (ASCII_WS, DIGITS, EOT, REGEX_WS, WORD_END, WORD_START, ByteMachine, Searcher,
                                     TokenAutomaton, alt, cls, compile_machine, lit, mark, opt, plus, scan, seq,
                                     special_token_ids, star)
 from spark_jax.rl.token_dfa import outputs as _outputs
