@@ -6,3 +6,26 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A persistent XLA compilation cache: the many small jitted programs of the suite (and of the CLI tests'
+# subprocesses, which inherit the environment) compile once per machine, not once per run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("SPARK_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spark_jax"), "jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world():
+  """The embedded world's tokenizer and bootstrap models (quick demo settings), trained once per test run.
+
+  Returns the bootstrap summary: tokenizer_dir, generator_dir, verifier_dir (HF checkpoint directories with
+  the world tokenizer) and the measured parse rates / accuracies. The models are cached by a fingerprint of
+  their settings (spark_jax/world/bootstrap.py), so a second run on the same machine reuses them.
+  """
+  from configs import demo as demo_config
+  from spark_jax.world import bootstrap, demo
+  config = demo_config.get_config()
+  config.quick = True
+  config = demo.resolve(config)
+  return bootstrap.run_bootstrap(config, bootstrap.bootstrap_dir(config, ""))

@@ -49,6 +49,12 @@ def resolve(config) -> ConfigDict:
   return config
 
 
+def _names(value) -> tuple[str, ...]:
+  """A tuple of names from a tuple or a comma-separated string (as `--config.stage2.variants=a,b` gives)."""
+  items = (value,) if isinstance(value, str) else tuple(value)
+  return tuple(n.strip() for v in items for n in str(v).split(",") if n.strip())
+
+
 def _stage_dir(config, name: str) -> str:
   return os.path.join(os.path.abspath(config.workdir), name)
 
@@ -111,7 +117,8 @@ def stage_labels(config, results: dict) -> dict:
   """Label accuracy per data variant and n (see spark_jax/world/report.py `label_accuracy`)."""
   s = config.stage1
   stage1_dir = _stage_dir(config, "stage1")
-  table = report_lib.label_accuracy(stage1_dir, n_grid=tuple(n for n in s.n_grid if n <= s.num_verifications),
+  n_grid = tuple(int(n) for n in _names(s.n_grid) if int(n) <= s.num_verifications)
+  table = report_lib.label_accuracy(stage1_dir, n_grid=n_grid,
                                     reference=True)
   summary = {"job": "labels", "table": table}
   io.write_summary(_stage_dir(config, "labels"), summary)
@@ -119,7 +126,7 @@ def stage_labels(config, results: dict) -> dict:
 
 
 def _prm_runs(config) -> list[tuple[str, str]]:
-  return [(v, f) for v in config.stage2.variants for f in config.stage2.formats]
+  return [(v, f) for v in _names(config.stage2.variants) for f in _names(config.stage2.formats)]
 
 
 def stage_stage2(config, results: dict) -> dict:
@@ -130,12 +137,16 @@ def stage_stage2(config, results: dict) -> dict:
     data = os.path.join(datasets, variant, f"{fmt}.jsonl")
     with open(data) as f:
       rows = sum(1 for line in f if line.strip())
-    if not rows:  # the variant kept no solution: nothing to train, reported as such
-      runs[f"{variant}/{fmt}"] = {"export_dir": None, "train_examples": 0, "train_loss": None, "seconds": 0.0}
+    if rows < 8:  # the variant kept (almost) no solution: nothing to train, reported as such
+      runs[f"{variant}/{fmt}"] = {"export_dir": None, "train_examples": rows, "train_loss": None, "seconds": 0.0}
       continue
     c = boot.sft_config(os.path.join(_stage_dir(config, "stage2"), f"{variant}-{fmt}"), data, "", base,
                         config.stage2.sft, config.seed)
     c.model.init = "pretrained"
+    # A tiny verifier can ramble into a long verification that Stage I still kept; such rows are dropped
+    # (counted in the SFT summary) instead of stopping the demo.
+    c.max_overlong_fraction = 0.25
+    c.global_batch = min(c.global_batch, rows // 8 * 8)  # a small variant trains on smaller batches
     start = time.time()
     summary = boot.train(c)
     runs[f"{variant}/{fmt}"] = {"export_dir": summary["export_dir"], "train_examples": summary["train_examples"],
@@ -168,7 +179,7 @@ def stage_processbench(config, results: dict) -> dict:
     task_lib.write_processbench(data_dir, task_lib.processbench_cases(problems, seed=config.seed))
   models = {f"{name}/{fmt}": (path, fmt) for name, path in (("random_init", _random_checkpoint(config, results)),
                                                            ("verifier_no_stage2", results["bootstrap"]["verifier_dir"]))
-            for fmt in config.stage2.formats}
+            for fmt in _names(config.stage2.formats)}
   models.update({name: (run["export_dir"], name.split("/")[1]) for name, run in results["stage2"]["runs"].items()
                  if run["export_dir"]})
   scores = {}
