@@ -132,6 +132,7 @@ def encode_prompts(tokenizer, prompts: Sequence[RLPrompt], *, template: str, max
   The problem's own ids go to the PRM prompt in the graph, tokenized alone as the PRM's prompt builder
   expects (see rl/prm_prompt.py).
   """
+  from spark_jax.rl import prm_prompt  # pylint: disable=g-import-not-at-top
   policy_ids, problem_ids = [], []
   for p in prompts:
     ids = policy_prompt_ids(tokenizer, p.problem, template=template)
@@ -139,5 +140,5 @@ def encode_prompts(tokenizer, prompts: Sequence[RLPrompt], *, template: str, max
       raise ValueError(f"{p.where}: the policy prompt has {len(ids)} tokens, over max_prompt_tokens="
                        f"{max_prompt_tokens}; raise config.max_prompt_tokens or drop the row.")
     policy_ids.append(ids)
-    problem_ids.append(list(tokenizer.encode(p.problem)))
+    problem_ids.append(prm_prompt.problem_ids(tokenizer, p.problem))
   return policy_ids, problem_ids
