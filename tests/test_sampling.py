@@ -360,8 +360,9 @@ def test_rows_stop_independently(tiny_params, free16):
 
 def test_same_seed_same_output_whatever_the_batching(tiny_params):
   prompts = _prompts([7, 2, 13, 5, 9, 4], seed=6)
-  kw = dict(max_new_tokens=6, temperature=1.0, num_samples=2, seed=11)
-  a = sampling.generate(TINY, tiny_params, prompts, max_batch_rows=4, progress=True, **kw)
+  # Batches of 2 prompts x 8 samples: the program the sharded test's one-device run compiles.
+  kw = dict(max_new_tokens=6, temperature=1.0, num_samples=8, seed=11)
+  a = sampling.generate(TINY, tiny_params, prompts, max_batch_rows=16, progress=True, **kw)
   b = sampling.generate(TINY, tiny_params, prompts, max_batch_rows=64, **kw)
   assert [[s.tokens for s in o] for o in a] == [[s.tokens for s in o] for o in b]
   c = sampling.generate(TINY, tiny_params, prompts, max_batch_rows=64, **{**kw, "seed": 12})
