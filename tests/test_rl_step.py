@@ -110,3 +110,67 @@ def test_reward_type_and_settings_errors():
   assert s.prm_format == "orm"
   assert rl_step.RolloutSettings(group_size=2, max_response=4, stop_token_ids=(),
                                  reward_type="prm_cot_outcome", orm_prompt_bug=True).prm_format == "prm_cot"
+
+
+def _tiny_tokenizer(tmp_path):
+  import json
+  from tokenizers import Tokenizer as HFTokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+  from spark_jax.tokenizer import Tokenizer
+  tok = HFTokenizer(tok_models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(["<answer>\\boxed{7}</answer> **This step is correct.** Problem: user assistant"] * 5,
+                          trainer)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+      "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+      "chat_template": chatml, "clean_up_tokenization_spaces": False}))
+  return Tokenizer.from_pretrained(str(tmp_path))
+
+
+def _dots_with_dim(jaxpr, dim: int) -> int:
+  """dot_general equations (at any depth: while/scan/map bodies) with an operand axis of size `dim`."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and any(dim in v.aval.shape for v in eqn.invars):
+      count += 1
+    for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+      count += _dots_with_dim(sub, dim)
+    for p in eqn.params.values():
+      for j in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(j, "jaxpr", None)
+        if inner is not None and hasattr(inner, "eqns"):
+          count += _dots_with_dim(inner, dim)
+        elif hasattr(j, "eqns"):
+          count += _dots_with_dim(j, dim)
+  return count
+
+
+def test_rollout_and_reward_is_one_program_that_contains_the_prm(tmp_path):
+  """The traced rollout-and-reward program holds the PRM's forward: its MLP width (160, the policy's is 128)
+  appears in dot_generals of the one jaxpr, inside the PRM's decode loop, and in the compiled HLO."""
+  from spark_jax.rl import programs
+  tok = _tiny_tokenizer(tmp_path)
+  pcfg = models.get_preset("tiny-qwen2")
+  rcfg = pcfg.replace(intermediate_size=160)
+  settings = rl_step.RolloutSettings(group_size=2, max_response=6, stop_token_ids=tuple(tok.end_of_turn_ids),
+                                     reward_type="prm_cot_outcome", prm_max_new_tokens=4, prm_chunk=2,
+                                     prm_all_rows=True)
+  tables = programs.make_reward_tables(tok, settings, tok, pcfg.vocab_size)
+  pt, pl = _prompts()
+  qt, ql = pt[:, :5], np.full((B,), 5, np.int32)
+  fn = jax.jit(lambda pp, rp, t, a, b, c, d, k: rl_step.rollout_and_reward(pcfg, rcfg, settings, pp, rp, t, a, b, c,
+                                                                            d, k))
+  args = (_params(pcfg, 0), _params(rcfg, 1), tables, pt, pl, qt, ql, jax.random.PRNGKey(0))
+  closed = jax.make_jaxpr(fn)(*args)
+  prm_dots = _dots_with_dim(closed.jaxpr, 160)
+  assert prm_dots >= 2 * rcfg.num_layers  # up/gate and down projections of every PRM layer (prefill + decode)
+  assert _dots_with_dim(closed.jaxpr, pcfg.intermediate_size) >= 2 * pcfg.num_layers  # the policy's too
+  assert "160" in fn.lower(*args).as_text()
+  out = fn(*args)
+  assert out.rewards_N.shape == (B * 2,) and out.advantages_NxR.shape == (B * 2, 6)
+  assert float(out.stats["prm_output_length"]) == 4.0  # every row went to the PRM and ran its full budget

@@ -124,7 +124,7 @@ class Programs:
     if s.reward_type == "rlvr":
       rewards = _grade([t for t in texts], [golds[i // G] for i in range(N)])
     else:
-      prm_texts = self._host_prm(prm_params, texts, problems, prm_tokenizer)
+      prm_texts = self._host_prm(prm_params, texts, ids, problems, prm_tokenizer, token_bytes, special)
       coins = np.asarray(jax.random.bernoulli(jax.random.split(key)[1], 0.5, (N,)))
       results = [rewards_lib.host_reward(s.reward_type, texts[i], prm_texts[i], coin=bool(coins[i]),
                                          min_steps=s.min_steps_selective, max_steps=s.max_steps)
@@ -137,18 +137,21 @@ class Programs:
                         {**stats, **more})
     return out, {"time_rollout": t1 - t0, "time_reward": time.time() - t1}
 
-  def _host_prm(self, prm_params, texts: list[str], problems: Sequence[str], prm_tokenizer) -> list[str | None]:
+  def _host_prm(self, prm_params, texts: list[str], ids: list[list[int]], problems: Sequence[str], prm_tokenizer,
+                token_bytes, special) -> list[str | None]:
     """PRM outputs for the rows the gate lets through (all rows with prm_all_rows), via the sampling engine."""
+    from spark_jax.rl import prm_prompt
     from spark_jax.rl import rewards as rewards_lib
     from spark_jax.sampling.engine import SamplingEngine
-    from spark_jax.text.rm import rm_prompt
     s = self.settings
     out: list[str | None] = [None] * len(texts)
     ask = [i for i, t in enumerate(texts) if s.prm_all_rows or rewards_lib.format_ok(t)]
     if not ask:
       return out
-    prompts = [prm_tokenizer.apply_chat_template([{"role": "user", "content": rm_prompt(
-        s.prm_format, problems[i // s.group_size], rewards_lib.truncate_after_answer(texts[i]))}]) for i in ask]
+    # The one canonical piecewise prompt (rl/prm_prompt.py): the response enters as its sampled ids, cut
+    # after the token in which its last `</answer>` ends, exactly as the graph packs it.
+    prompts = [prm_prompt.rm_prompt_ids(prm_tokenizer, s.prm_format, problems[i // s.group_size],
+                                        ids[i][:_cut(ids[i], token_bytes, special)]) for i in ask]
     if self._engine is None:
       self._engine = SamplingEngine(self.prm_cfg, prm_params, mesh=self.mesh, progress=False)
     samples = self._engine.generate(prompts, s.prm_sampling, params=prm_params)
@@ -185,6 +188,22 @@ class Programs:
     out["logprob_gap_mean"] = float(gap.mean()) if gap.size else 0.0
     out["logprob_gap_max"] = float(gap.max()) if gap.size else 0.0
     return state, out
+
+
+def _cut(ids: Sequence[int], token_bytes: Sequence[bytes], special: Sequence[int]) -> int:
+  """Tokens up to and including the one in which the last `</answer>` ends (all of them when there is none)."""
+  skip = set(int(i) for i in special)
+  spelled = [b"" if int(i) in skip else token_bytes[int(i)] for i in ids]
+  text = b"".join(spelled)
+  end = text.rfind(b"</answer>")
+  if end < 0:
+    return len(ids)
+  last_byte, pos = end + len(b"</answer>") - 1, 0
+  for k, piece in enumerate(spelled):
+    pos += len(piece)
+    if pos > last_byte:
+      return k + 1
+  return len(ids)
 
 
 def _grade(texts: list[str], golds: list[Any]) -> np.ndarray:
