@@ -32,22 +32,40 @@ def get_config(variant: str = ""):
 
 
 def world_config(config):
-  """The embedded world: its tiny format-trained policy and PRM-CoT (spark_jax.world bootstrap), CPU-sized."""
-  from spark_jax.world import bootstrap
-  models = bootstrap.ensure_models()
+  """The embedded world on CPU: the world's format-trained tiny policy (its bootstrap generator) and the PRM-CoT
+  that the world demo trains in Stage II (`python -m spark_jax.main --config=configs/demo.py` first).
+
+  RL prompts are fresh world problems (`spark_jax.world.task`), written once next to the run with their answers.
+  """
+  import json
+  import os
+  from configs import demo as demo_config
+  from spark_jax.world import bootstrap, demo, task
+  world = demo.resolve(demo_config.get_config())
+  boot = bootstrap.bootstrap_dir(world, os.path.join(world.workdir, "bootstrap"))
+  stage2 = os.path.join(os.path.abspath(world.workdir), "stage2", "summary.json")
+  if not os.path.exists(stage2):
+    raise FileNotFoundError(f"{stage2} is missing: the world's PRM comes from the demo's Stage II; run "
+                            "`python -m spark_jax.main --config=configs/demo.py` first (or set config.prm.name).")
+  with open(stage2) as f:
+    prm_dir = json.load(f)["runs"]["step_consistency/prm_cot"]["export_dir"]
   config.workdir = "runs/rl_world"
-  config.policy = common.model(models["policy"], init="pretrained", dtype="float32")
-  config.prm = common.model(models["prm"], init="pretrained", dtype="float32")
-  config.data.train = models["rl_train"]
-  config.data.val = models["rl_val"]
-  config.data.template = "plain"
+  data = os.path.abspath(os.path.join(config.workdir, "problems.jsonl"))
+  if not os.path.exists(data):
+    os.makedirs(os.path.dirname(data), exist_ok=True)
+    task.write_problems(data, task.make_problems(12345, 512, prefix="rl"))
+  config.policy = common.model(os.path.join(boot, "generator", "export"), init="pretrained", dtype="float32")
+  config.prm = common.model(prm_dir, init="pretrained", dtype="float32")
+  config.data.train = data
+  config.data.val = data
+  config.data.template = "generator"
   config.mesh = common.mesh(data=-1)
   config.prompts_per_step = 16
   config.group_size = 8
-  config.max_prompt_tokens = 128
+  config.max_prompt_tokens = 256
   config.max_response = 96
   config.reward.prm_max_new_tokens = 160
-  config.lr = 1e-4
+  config.lr = 1e-5
   config.beta = 0.0
   config.num_steps = 30
   config.eval_every = 5
