@@ -274,6 +274,22 @@ def test_a_missing_critique_entry_is_an_error_not_a_drop(tmp_path, fake):
     jobs.run_aggregate(config)
 
 
+def test_aggregate_reads_comma_separated_names_and_refuses_unknown_ones(tmp_path, fake):
+  config = _config(tmp_path, "none", verify__reference=False, critique__enabled=False)
+  config.aggregate.variants = ("single,step_consistency",)  # what --config.aggregate.variants=a,b gives
+  config.aggregate.formats = ("orm, prm",)
+  jobs.run_generate(config)
+  jobs.run_verify(config)
+  summary = jobs.run_aggregate(config)
+  assert list(summary["variants"]) == ["single", "step_consistency"]
+  assert set(summary["variants"]["single"]["rows"]) == {"orm", "prm"}
+  config.aggregate.variants = ("single,step_consistncy",)
+  with pytest.raises(ValueError, match=r"config.aggregate.variants=.*unknown \['step_consistncy'\]"):
+    jobs.run_aggregate(config)
+  with pytest.raises(ValueError, match="unknown"):
+    jobs.run_stage1(config)  # before any generation
+
+
 def test_aggregate_manifest_counts_contradictions_and_step_counts(tmp_path, fake, monkeypatch):
   # Every verification of a wrong solution says: both steps correct, final No (a contradiction).
   def verifier(message, j):

@@ -34,6 +34,7 @@ from spark_jax.evals import grading
 from spark_jax.stage1 import aggregate, curation, formats, prompts, quality
 from spark_jax.text import verdicts as parsing
 from spark_jax.text.answers import extract_answer
+from spark_jax.text.rm import RM_FORMATS
 
 _THINKING = {"auto": None, "on": True, "off": False}
 
@@ -336,9 +337,22 @@ def _aggregation_config(config) -> aggregate.AggregationConfig:
                                      step_match_final=a.step_match_final, contradictions=a.contradictions)
 
 
+def _config_names(value, allowed: tuple[str, ...], key: str) -> tuple[str, ...]:
+  """Names from a tuple or a comma-separated string (`--config.aggregate.variants=a,b` gives ("a,b",)),
+  each checked against `allowed`: an unknown name would otherwise silently select nothing."""
+  items = (value,) if isinstance(value, str) else tuple(value)
+  names = tuple(n.strip() for v in items for n in str(v).split(",") if n.strip())
+  unknown = [n for n in names if n not in allowed]
+  if unknown or not names:
+    raise ValueError(f"config.{key}={value!r}: unknown {unknown or 'empty'}; use names from {allowed}.")
+  return names
+
+
 def run_aggregate(config) -> dict:
   """Parsing, majorities, target selection; the SFT datasets per variant x format; the quality table."""
   a = config.aggregate
+  variants = _config_names(a.variants, aggregate.VARIANTS, "aggregate.variants")
+  fmts = _config_names(a.formats, RM_FORMATS, "aggregate.formats")
   out_dir = _dir(config, "aggregate")
   agg = _aggregation_config(config)
   solutions = _solutions(config)
@@ -377,19 +391,19 @@ def run_aggregate(config) -> dict:
         merged=merged.get("meta_critique"), merged_outcome=merged.get("meta_critique_outcome"),
         reference_verifications=reference[sid]["verifications"] if reference is not None else None, config=agg)
     for record in built:
-      if record.variant not in a.variants:
+      if record.variant not in variants:
         continue
       records.append(record)
-      for row in formats.sft_examples_from_record(record, s["problem"], s["solution"], formats=tuple(a.formats)):
+      for row in formats.sft_examples_from_record(record, s["problem"], s["solution"], formats=fmts):
         rows[(record.variant, row["format"])].append(row)
 
   io.write_jsonl_atomic(os.path.join(out_dir, "records.jsonl"), [r.to_dict() for r in records])
   manifests = {}
-  for variant in a.variants:
+  for variant in variants:
     vrecords = [r for r in records if r.variant == variant]
     if not vrecords:
       continue
-    for fmt in a.formats:
+    for fmt in fmts:
       io.write_jsonl_atomic(os.path.join(out_dir, "datasets", variant, f"{fmt}.jsonl"), rows[(variant, fmt)])
     kept = [r for r in vrecords if r.kept]
     manifests[variant] = {
@@ -408,7 +422,7 @@ def run_aggregate(config) -> dict:
             "verifications_differing": sum(r.step_count_differing for r in vrecords),
             "kept_labels_differing": sum(bool(r.solution_steps) and len(r.steps) != r.solution_steps for r in kept),
         },
-        "rows": {fmt: len(rows[(variant, fmt)]) for fmt in a.formats},
+        "rows": {fmt: len(rows[(variant, fmt)]) for fmt in fmts},
         "missing_targets": dict(collections.Counter(reason for r in kept for reason in r.missing_targets.values())),
         "labels": {"final_yes": sum(bool(r.final) for r in kept), "final_no": sum(r.final is False for r in kept),
                    "steps_correct": sum(sum(r.steps) for r in kept),
@@ -434,6 +448,9 @@ def run_aggregate(config) -> dict:
 
 def run_stage1(config) -> dict:
   """The whole Stage I in one command; each step resumes where a previous run stopped."""
+  # A typo in the aggregate's names must fail now, not after hours of generation.
+  _config_names(config.aggregate.variants, aggregate.VARIANTS, "aggregate.variants")
+  _config_names(config.aggregate.formats, RM_FORMATS, "aggregate.formats")
   timings, summaries = {}, {}
   steps = [("generate", run_generate), ("verify", run_verify)]
   if config.verify.reference:
