@@ -301,8 +301,6 @@ def run_rl(config) -> dict:
                                                       max_prompt_tokens=int(config.max_prompt_tokens))
   P = max(len(r) for r in policy_ids)
   Q = max(len(r) for r in problem_ids)
-  if needs_prm:
-    check_budget(prm_cfg, Q + int(config.max_response) + 128, int(config.reward.prm_max_new_tokens), "prm")
   it = PromptIterator(len(prompts), int(config.seed))
 
   # ---- programs
@@ -315,6 +313,10 @@ def run_rl(config) -> dict:
       rlvr_gate=bool(config.reward.rlvr_gate), orm_prompt_bug=bool(config.reward.orm_prompt_bug),
       prm_all_rows=bool(config.reward.prm_all_rows), adv_scale=config.adv_scale)
   tables = programs_lib.make_reward_tables(tokenizer, settings, prm_tok, pcfg.vocab_size)
+  if needs_prm:  # the PRM's prompt: template pieces + the longest problem + the whole response budget
+    t = tables.prm_template
+    prm_prompt_len = t.head.shape[0] + Q + t.mid.shape[0] + int(config.max_response) + t.tail.shape[0]
+    check_budget(prm_cfg, prm_prompt_len, int(config.reward.prm_max_new_tokens), "prm")
   update_settings = rl_step.UpdateSettings(
       clip_low=float(config.clip_low), clip_high=float(config.clip_high), dual_clip=float(config.dual_clip),
       beta=float(config.beta), kl_type=config.kl_type, loss_agg=config.loss_agg,
