@@ -220,3 +220,39 @@ def test_rl_job_sigterm_checkpoints_and_exits_cleanly(job_files, tmp_path):
     summary = json.load(f)
   assert summary["interrupted"] is True and 1 <= summary["final_step"] < 50
   assert str(summary["final_step"]) in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_dynamic_sampling_keeps_informative_groups_refills_and_tops_up():
+  from spark_jax.rl import programs
+  from spark_jax.rl.step import RolloutOutput
+  G, R = 2, 3
+
+  def roll(rewards, tag):
+    n = len(rewards)
+    tok = np.full((n, R), tag, np.int32)
+    return RolloutOutput(tok, np.full((n,), R, np.int32), np.zeros((n, R), np.float32), np.ones((n,), bool),
+                         np.asarray(rewards, np.float32), np.zeros((n, R), np.float32), {"reward_mean": 0.5})
+
+  pt = np.arange(6, dtype=np.int32).reshape(3, 2)
+  pl = np.full((3,), 2, np.int32)
+  first = roll([1, 1, 0, 1, 0, 0], tag=1)  # groups: agree, differ, agree
+  extra = [roll([0, 1, 1, 0, 1, 1], tag=2)]  # differ, differ, agree
+  calls = []
+
+  def more(key):
+    calls.append(key)
+    return extra[0], pt + 100, pl, {}
+
+  out, opt, opl, m = programs.dynamic_sampling(first, pt, pl, G, more, jax_key(), max_rounds=3)
+  assert len(calls) == 1 and m["dynamic_sampling_rounds"] == 1 and m["dynamic_sampling_topped_up"] == 0
+  assert out.rewards_N.tolist() == [0, 1, 0, 1, 1, 0]  # round-1 group 1, then round-2 groups 0 and 1
+  assert opt[:, 0].tolist() == [2, 100, 102] and out.response_tokens_NxR[:, 0].tolist() == [1, 1, 2, 2, 2, 2]
+  # No refill allowed: the batch is topped up with agreeing groups and says so.
+  out, _, _, m = programs.dynamic_sampling(first, pt, pl, G, more, jax_key(), max_rounds=0)
+  assert m["dynamic_sampling_informative_groups"] == pytest.approx(1 / 3)
+  assert m["dynamic_sampling_topped_up"] == pytest.approx(2 / 3) and out.rewards_N.shape == (6,)
+
+
+def jax_key():
+  import jax
+  return jax.random.PRNGKey(0)
