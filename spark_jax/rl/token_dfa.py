@@ -31,7 +31,7 @@ import numpy as np
 EOT = 256  # the virtual end-of-text byte
 _OP_BITS = 6  # per op: 4 bits of op id, 1 bit "on the token's last byte", 1 bit "on its first byte"
 _OPS_PER_WORD = 5  # 30 bits of an int32; a field is 0 exactly when no op is there
-_MAX_OPS = 10  # ops one token may emit from one state (two words)
+_MAX_OPS = 64  # ops one token may emit from one state; the scan unrolls the busiest real token's count, not this cap
 
 ASCII_WS = frozenset(b" \t\n\r\x0b\x0c")  # str.strip() / the gate's whitespace, ASCII part
 REGEX_WS = ASCII_WS | frozenset(range(0x1c, 0x20))  # Python's \s on str, ASCII part
