@@ -73,7 +73,7 @@ def run_processbench(config) -> dict:
       outs = model.sample(messages, num_samples=config.num_votes,
                           temperature=config.temperature if config.num_votes > 1 else 0.0,
                           top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                          seed=config.seed + items[0]["_index"])
+                          seed=config.seed, prompt_indices=[c["_index"] for c in items])
       preds = [[pb.parse_critic_output(s.text, len(c["steps"])) for s in o] for c, o in zip(items, outs)]
     return [{"id": c["id"], "split": c["split"], "label": c["label"],
              "prediction": p[0] if len(p) == 1 else pb.vote(p), "samples": p,
