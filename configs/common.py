@@ -20,4 +20,5 @@ def base(job: str, workdir: str) -> ConfigDict:
   config.workdir = workdir
   config.seed = 0
   config.mesh = mesh()
+  config.verbose_logs = False  # also show library INFO logs on the console; they always go to workdir/logs.txt
   return config

@@ -105,7 +105,6 @@ def sft_config() -> "common.ConfigDict":
   c.keep_checkpoints = 2
   c.eval_every = 500
   c.log_every = 10
-  c.verbose_logs = False
   c.export_dir = ""
   c.export_dtype = "bfloat16"
   c.peak_flops_per_device = 0.0

@@ -391,8 +391,9 @@ def test_resume_checks_the_settings_fingerprint_but_not_the_mesh(tmp_path, tok_d
   absl_logging.set_verbosity(absl_logging.INFO)
   capfd.readouterr()
   try:
-    summary = sft.run_sft(_config(workdir, tok_dir, data_files, mesh_devices=2, log_every=1, checkpoint_every=3,
-                                  debug_stop_after=5))
+    from spark_jax import jobs  # the one job shell routes library logs, for every job
+    summary = jobs.run(_config(workdir, tok_dir, data_files, mesh_devices=2, log_every=1, checkpoint_every=3,
+                               debug_stop_after=5))
   finally:
     absl_logging.set_verbosity(verbosity)
     import logging

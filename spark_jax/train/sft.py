@@ -158,11 +158,6 @@ def run_sft(config) -> dict:
   """Trains, checkpoints, evaluates and exports per `config` (configs/sft_prm.py); returns the summary."""
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
-  with metrics_lib.library_logs(workdir, verbose=bool(config.verbose_logs)):
-    return _run(config, workdir)
-
-
-def _run(config, workdir: str) -> dict:
   from spark_jax.io import write_summary
   from spark_jax.models import hf_io
   from spark_jax.models.load import load_model
