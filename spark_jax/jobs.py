@@ -9,7 +9,6 @@ job shares: library logs (orbax, grain, jax INFO lines) go to `workdir/logs.txt`
 from __future__ import annotations
 
 import importlib
-import logging
 import time
 
 
@@ -38,5 +37,5 @@ def run(config) -> dict:
   start = time.time()
   with library_logs(config.workdir, verbose=bool(config.get("verbose_logs", False))):
     summary = getattr(importlib.import_module(module), fn)(config)
-  logging.info("job %s finished in %.1f s", config.job, time.time() - start)
+  print(f"job {config.job} finished in {time.time() - start:.1f} s", flush=True)  # our line, not a library log
   return summary
