@@ -70,6 +70,16 @@ def test_noisy_verifications_parse_and_hit_the_requested_accuracy():
   assert 0.65 < hits / total < 0.75  # ~900 Bernoulli(0.7) draws: 5 sigma is 0.076
 
 
+def test_verification_restates_each_written_step_before_its_verdict():
+  p = task.Problem("x", 7, (("+", 5), ("*", 3)), 10)
+  text = "Step 1: <step> 7 + 5 = 3</step>\n\nStep 2: <step>garbled</step>\n\nStep 3: <step> 1 + 1 = 2</step>"
+  verification = task.render_verification(p, text, [False, False, False], False)
+  assert verification.startswith("## Step 1: 7 + 5 = 3\n**This step is incorrect.**")
+  assert "## Step 2: an unreadable step\n" in verification and "## Step 3: an extra step\n" in verification
+  with pytest.raises(ValueError, match="2 verdicts for 3 written steps"):
+    task.render_verification(p, text, [False, False], False)
+
+
 def test_processbench_cases_load_and_render_like_a_solution(tmp_path):
   problems = task.make_problems(9, 40)
   cases = task.processbench_cases(problems, seed=9)
@@ -106,6 +116,13 @@ def test_tokenizer_is_deterministic_and_round_trips(tmp_path):
   ids, mask = tok.render_chat_with_assistant_mask(messages)
   assert len(ids) < 400 and 0 < sum(mask) < len(ids)
   assert len(tok.token_bytes_table()) == tok.vocab_size
+  # Copying is a plain token copy: every number of the problem is one token, and the same token in the solution's
+  # steps and the verification's restated steps (a tiny model that must map " 7" to "7" first learns slowly).
+  numbers = {str(v) for v in range(p.modulus)}
+  for text in (p.text, solution.split(task.ANSWER_OPEN)[0], verification):
+    pieces = [tok.decode([i]) for i in tok.encode(text)]
+    assert all(piece == " " + piece.strip() for piece in pieces if piece.strip() in numbers), pieces
+  assert {" " + n for n in numbers} <= {tok.decode([i]) for i in tok.encode(" ".join(sorted(numbers)) + " 0")}
 
 
 def test_label_accuracy_of_variants_on_synthetic_stage1_files(tmp_path):

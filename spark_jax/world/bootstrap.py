@@ -40,7 +40,7 @@ from spark_jax.world import task as task_lib
 from spark_jax.world import tokenizer as world_tokenizer
 
 
-_VERSION = 1
+_VERSION = 2  # 2: numbered operations, spaced step numbers, verifications restate the written steps
 
 
 def fingerprint(config) -> str:

@@ -7,16 +7,16 @@ step of a solution is known: the world can score labels, verifiers and PRMs agai
 
 Texts (all markers are the project's, byte for byte):
 
-  problem         "Start with 7. Apply + 5, * 3, - 4, keeping each result modulo 10."
+  problem         "Start with 7. Apply 1) + 5, 2) * 3, 3) - 4, keeping each result modulo 10."
   solution        the policy format, one `<step>` per operation:
-                    <think>Step 1: <step>7 + 5 = 2</step>\\n\\nStep 2: <step>2 * 3 = 6</step>\\n\\n</think>
+                    <think>Step 1: <step> 7 + 5 = 2</step>\\n\\nStep 2: <step> 2 * 3 = 6</step>\\n\\n</think>
                     <answer>\\boxed{6}</answer>
                   `<think>`/`</think>` are special tokens of the world tokenizer, so the decoded text that
                   Stage I stores (special tokens skipped) is `Step 1: <step>...</step>\\n\\n...<answer>...`
                   and keeps the steps (the think stripping of Stage I would otherwise erase them); it is
                   also exactly what `processbench.render_steps` writes for the held-out set's cases (the
                   "Step k: " prefix and the blank-line separator), so a PRM sees one layout everywhere.
-  verification    one `## Step k: <the right computation>` block per written step closed by the step
+  verification    one `## Step k: <written step k restated>` block per written step closed by the step
                   marker, then the final verdict line (`spark_jax.text.rm`).
 
 Truth convention (the project's, see the verifier's worked example): a step is correct iff it and every
@@ -85,7 +85,9 @@ class Problem:
 
   @property
   def text(self) -> str:
-    ops = ", ".join(f"{op} {b}" for op, b in self.ops)
+    # Numbered operations: step k of a solution finds its operation by matching "Step k" against "k)", a
+    # content-addressed lookup a two-layer transformer learns quickly (a bare list needs counting commas).
+    ops = ", ".join(f"{k}) {op} {b}" for k, (op, b) in enumerate(self.ops, start=1))
     return f"Start with {self.start}. Apply {ops}, keeping each result modulo {self.modulus}."
 
   def to_record(self) -> dict:
@@ -139,7 +141,9 @@ class Step:
   c: int
 
   def text(self) -> str:
-    return f"{self.a} {self.op} {self.b} = {self.c}"
+    # The leading space makes every number the same token (" 7") in the problem, the step and the next step,
+    # so copying the previous result and the operand is a plain token copy.
+    return f" {self.a} {self.op} {self.b} = {self.c}"
 
 
 def solve(problem: Problem, first_error: int = -1, rng: random.Random | None = None) -> list[Step]:
@@ -222,18 +226,17 @@ def process_complete(problem: Problem, text: str) -> bool:
 # ------------------------------------------------------------------------------------------- verifications
 
 
-def render_verification(problem: Problem, num_steps: int, verdicts: Sequence[bool], final: bool) -> str:
-  """A teacher verification of a solution with `num_steps` written steps: block k names the right
-  computation of step k (or says the step is extra), then the marker of `verdicts[k]`; then the final line."""
-  if len(verdicts) != num_steps or not num_steps:
-    raise ValueError(f"render_verification: {len(verdicts)} verdicts for {num_steps} steps (need one per step).")
-  values, blocks = problem.values, []
-  for k in range(num_steps):
-    if k < len(problem.ops):
-      op, b = problem.ops[k]
-      title = f"{values[k]} {op} {b} = {values[k + 1]}"
-    else:
-      title = "an extra step"
+def render_verification(problem: Problem, solution_text: str, verdicts: Sequence[bool], final: bool) -> str:
+  """A teacher verification of `solution_text`: block k restates written step k (or says it is unreadable or
+  extra), then the marker of `verdicts[k]`; then the final line. Restating the step puts the computation to
+  check right before its verdict, so judging it is a local check, as when a careful grader rewrites each step."""
+  written = parse_steps(solution_text)
+  if len(verdicts) != len(written) or not written:
+    raise ValueError(f"render_verification: {len(verdicts)} verdicts for {len(written)} written steps "
+                     "(need one per step).")
+  blocks = []
+  for k, s in enumerate(written):
+    title = "an extra step" if k >= len(problem.ops) else ("an unreadable step" if s is None else s.text().strip())
     blocks.append(f"## Step {k + 1}: {title}\n{step_marker(verdicts[k])}")
   return "\n\n".join(blocks) + "\n\n" + final_verdict_line(final)
 
@@ -247,7 +250,7 @@ def noisy_verification(problem: Problem, solution_text: str, rng: random.Random,
   if not truth:
     return None
   verdicts = [t if rng.random() < step_accuracy else not t for t in truth]
-  return render_verification(problem, len(truth), verdicts, all(verdicts))
+  return render_verification(problem, solution_text, verdicts, all(verdicts))
 
 
 def sample_solution(problem: Problem, rng: random.Random, error_rate: float) -> tuple[str, int]:
