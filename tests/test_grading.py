@@ -36,7 +36,7 @@ def test_last_boxed(text, expected):
 @pytest.mark.parametrize("text, expected", [
     # Rule 2: last boxed, nested braces.
     ("We get $x = \\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}"),
-    # Rule 1: the first `Answer:` line wins over a later box (SPEC 2.3 order), case-insensitive.
+    # Rule 1: the first `Answer:` line wins over a later box (docs/method.md §2.3 order), case-insensitive.
     ("Work...\nanswer: 42\nmore text \\boxed{41}", "42"),
     ("Answer: 7\nAnswer: 8", "7"),
     # Answer line holding a box, emphasis and `$`.

@@ -102,7 +102,7 @@ def test_critic_and_merger_prompts():
 
 
 def test_prompts_use_our_own_wording():
-  # Phrases and examples of the authors' prompts (SPEC 2.2 / 2.5) must not appear in ours.
+  # Phrases and examples of the authors' prompts (docs/method.md §2.2 / §2.5) must not appear in ours.
   texts = [prompts.generator_prompt("p"), prompts.verifier_prompt("p", "s"), prompts.verifier_prompt("p", "s", "a"),
            prompts.critic_prompt("p", "s", "v"), prompts.merger_prompt("p", "s", "v", "c")]
   for text in texts:

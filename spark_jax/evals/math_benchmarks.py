@@ -1,4 +1,4 @@
-"""Math evaluation sets (SPEC 5.11) reduced to rows {id, problem, answer}.
+"""Math evaluation sets (docs/method.md §5.11) reduced to rows {id, problem, answer}.
 
 Each benchmark ships as `data/<name>/test.jsonl` in its upstream layout (see each folder's README); this
 module knows where each keeps its problem and gold answer, so callers see one shape:
