@@ -187,11 +187,11 @@ def test_batch_plan_is_deterministic_bucketed_and_split_by_process():
   again = data_lib.make_batch_plan(lengths, global_batch=16, num_steps=30, seed=3, boundaries=bounds, window=4)
   other = data_lib.make_batch_plan(lengths, global_batch=16, num_steps=30, seed=4, boundaries=bounds, window=4)
   assert plan.fingerprint() == again.fingerprint() != other.fingerprint()
-  for rows, length in zip(plan.rows_SxG, plan.lengths_S):
+  for rows, length in zip(plan.rows_IxB, plan.lengths_I):
     assert length in bounds and lengths[rows].max() <= length
     assert length == min(b for b in bounds if b >= lengths[rows].max())
   # Each epoch (12 full batches of 200 examples) visits 192 distinct examples, a different order each time.
-  epochs = plan.rows_SxG[:24].reshape(2, -1)
+  epochs = plan.rows_IxB[:24].reshape(2, -1)
   assert [len(set(e.tolist())) for e in epochs] == [192, 192] and not np.array_equal(*epochs)
   # Two processes take disjoint halves of every micro batch; together they make the global batch.
   ex = data_lib.TokenizedExamples(tokens=np.arange(lengths.sum(), dtype=np.int32) % 50,
@@ -199,9 +199,9 @@ def test_batch_plan_is_deterministic_bucketed_and_split_by_process():
                                   offsets=np.concatenate([[0], np.cumsum(lengths)]))
   parts = [data_lib.SFTBatchSource(ex, plan, accum_steps=2, pad_id=0, process_index=i, process_count=2)[7]
            for i in range(2)]
-  assert parts[0]["tokens"].shape == (2, 4, plan.lengths_S[7])
+  assert parts[0]["tokens"].shape == (2, 4, plan.lengths_I[7])
   whole = np.concatenate([p["mask"].sum(-1) for p in parts], axis=1).reshape(-1)
-  assert sorted(whole.tolist()) == sorted(lengths[plan.rows_SxG[7]].tolist())
+  assert sorted(whole.tolist()) == sorted(lengths[plan.rows_IxB[7]].tolist())
   # Eval batches cover every example exactly once, filler rows carry no weight.
   evals = data_lib.eval_batches(ex.subset(range(37)), batch_rows=8, boundaries=bounds, pad_id=0)
   assert sum(int(b["mask"].sum(-1).astype(bool).sum()) for b in evals) == 40  # 37 real + 3 fillers
@@ -309,7 +309,7 @@ def test_nan_loss_stops_the_run_naming_the_step(full_run, tmp_path, tok_dir, dat
   assert len(holders) == 1
   plan = data_lib.make_batch_plan(examples.lengths, global_batch=8, num_steps=NUM_STEPS, seed=0,
                                   boundaries=[96], window=32)
-  expected = 1 + next(s for s in range(plan.num_steps) if holders[0] in plan.rows_SxG[s])
+  expected = 1 + next(s for s in range(plan.num_steps) if holders[0] in plan.rows_IxB[s])
 
   config = _config(tmp_path / "nan", tok_dir, data_files)
   config.model.name, config.model.init = str(poisoned), "pretrained"

@@ -7,8 +7,8 @@ boundary), so policy, reference and reward-model parameters can sit side by side
 Layers are stored stacked (leading `layers` axis) and run under `lax.scan`, so compile time does not grow
 with depth. Norms, softmax and logits are computed in fp32 whatever the parameter dtype.
 
-Naming: B batch, T query length, S key/cache length, D hidden, H query heads, K kv heads, G = H/K,
-E head dim, F mlp width, V vocab, L layers.
+Arrays carry their shape in their names (q_BxKxGxTxE); each letter has one meaning across the package,
+listed once in docs/shapes.md.
 """
 
 from __future__ import annotations
@@ -80,15 +80,15 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return inv
 
 
-def apply_rope(x_BxTxNxE, positions_BxT, inv_freq_E2):
-  """Rotary embedding in the HF (rotate-half) layout, computed in fp32."""
+def apply_rope(x_BxTxHxE, positions_BxT, inv_freq_E2):
+  """Rotary embedding in the HF (rotate-half) layout, computed in fp32 (keys pass K heads in place of H)."""
   angles = positions_BxT.astype(F32)[..., None] * inv_freq_E2  # B×T×E/2
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
-  x = x_BxTxNxE.astype(F32)
+  x = x_BxTxHxE.astype(F32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BxTxNxE.dtype)
+  return out.astype(x_BxTxHxE.dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -221,54 +221,55 @@ def _chunked_attention(q_BxKxGxTxE, k_BxKxExS, v_BxKxSxE, mask_BxTxS, chunk: int
   pad = n * chunk - T
   q = jnp.pad(q_BxKxGxTxE, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
   mask = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
-  q_NxBxKxGxCxE = q.reshape(B, K, G, n, chunk, E).transpose(3, 0, 1, 2, 4, 5)
-  mask_NxBxCxS = mask.reshape(B, n, chunk, -1).transpose(1, 0, 2, 3)
-  out = jax.lax.map(lambda qm: _attend(qm[0], k_BxKxExS, v_BxKxSxE, qm[1]), (q_NxBxKxGxCxE, mask_NxBxCxS))
+  q_JxBxKxGxCxE = q.reshape(B, K, G, n, chunk, E).transpose(3, 0, 1, 2, 4, 5)
+  mask_JxBxCxS = mask.reshape(B, n, chunk, -1).transpose(1, 0, 2, 3)
+  out = jax.lax.map(lambda qm: _attend(qm[0], k_BxKxExS, v_BxKxSxE, qm[1]), (q_JxBxKxGxCxE, mask_JxBxCxS))
   return out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, n * chunk, E)[:, :, :, :T]
 
 
-def _decode_attention(q_BxKxGxE, k_BxKxExS, v_BxKxSxE, k_new_BxKxE, v_new_BxKxE, mask_BxS, new_valid_B,
+def _decode_attention(q_NxKxGxE, k_NxKxExS, v_NxKxSxE, k_new_NxKxE, v_new_NxKxE, mask_NxS, new_valid_N,
                       prefix_kv=None):
-  """One query token against the cache (slots where mask_BxS), its own new key/value and, if given, a shared
-  read-only prefix, with one softmax over all of them, in fp32.
+  """One query token per row against the cache (slots where mask_NxS), its own new key/value and, if given, a
+  shared read-only prefix, with one softmax over all of them, in fp32. The N rows are the decoder's batch; with
+  a prefix they are B prompts × A samples, prompt-major.
 
   Own cache: multiply-reduce instead of dot products. With T = 1 the "matmuls" are G×E by E×S per (row, kv
   head), far too small for a GEMM call, and as reductions they fuse with the layer read of the stacked cache
   and the bf16 -> fp32 casts, so the cache is read once per step.
 
-  `prefix_kv` = (k_PxKxExR, v_PxKxRxE, valid_PxR): R slots shared by groups of B / P consecutive rows (the
-  samples of one prompt). Reading them once per group instead of once per row is the point: with 16 samples
-  of a long prompt the prompt's keys and values are most of the bytes a decode step reads. Grouped, the
-  scores are real matmuls (the group's samples × G query heads against the prompt's keys).
+  `prefix_kv` = (k_pre_BxKxExP, v_pre_BxKxPxE, valid_BxP): P slots of each of B prompts, shared by its A = N / B
+  consecutive rows (the samples of that prompt). Reading them once per group instead of once per row is the
+  point: with 16 samples of a long prompt the prompt's keys and values are most of the bytes a decode step
+  reads. Grouped, the scores are real matmuls (the group's samples × G query heads against the prompt's keys).
   """
-  B, K, G, E = q_BxKxGxE.shape
-  q = q_BxKxGxE.astype(F32) * (E ** -0.5)
+  N, K, G, E = q_NxKxGxE.shape
+  q = q_NxKxGxE.astype(F32) * (E ** -0.5)
   neg = jnp.finfo(F32).min
-  scores_BxKxGxS = jnp.sum(q[..., None] * k_BxKxExS[:, :, None].astype(F32), axis=3)
-  scores_BxKxGxS = jnp.where(mask_BxS[:, None, None], scores_BxKxGxS, neg)
-  score_new_BxKxG = jnp.sum(q * k_new_BxKxE[:, :, None].astype(F32), axis=-1)
-  score_new_BxKxG = jnp.where(new_valid_B[:, None, None], score_new_BxKxG, neg)
-  top = jnp.maximum(jnp.max(scores_BxKxGxS, axis=-1), score_new_BxKxG)
+  scores_NxKxGxS = jnp.sum(q[..., None] * k_NxKxExS[:, :, None].astype(F32), axis=3)
+  scores_NxKxGxS = jnp.where(mask_NxS[:, None, None], scores_NxKxGxS, neg)
+  score_new_NxKxG = jnp.sum(q * k_new_NxKxE[:, :, None].astype(F32), axis=-1)
+  score_new_NxKxG = jnp.where(new_valid_N[:, None, None], score_new_NxKxG, neg)
+  top = jnp.maximum(jnp.max(scores_NxKxGxS, axis=-1), score_new_NxKxG)
   if prefix_kv is not None:
-    k_pre_PxKxExR, v_pre_PxKxRxE, valid_PxR = prefix_kv
-    P, R = valid_PxR.shape
-    if B % P:
-      raise ValueError(f"decode attention: {B} rows do not split into groups over the prefix's {P} rows; rows "
+    k_pre_BxKxExP, v_pre_BxKxPxE, valid_BxP = prefix_kv
+    B, P = valid_BxP.shape
+    if N % B:
+      raise ValueError(f"decode attention: {N} rows do not split into groups over the prefix's {B} rows; rows "
                        "must be prompt-major with the same number of samples per prompt.")
-    q_PxNxKxGxE = q.reshape(P, B // P, K, G, E).astype(k_pre_PxKxExR.dtype)
-    scores_PxNxKxGxR = jnp.einsum("pnkge,pker->pnkgr", q_PxNxKxGxE, k_pre_PxKxExR, preferred_element_type=F32)
-    scores_PxNxKxGxR = jnp.where(valid_PxR[:, None, None, None], scores_PxNxKxGxR, neg)
-    top = jnp.maximum(top, jnp.max(scores_PxNxKxGxR, axis=-1).reshape(B, K, G))
-  p_BxKxGxS = jnp.exp(scores_BxKxGxS - top[..., None])
-  p_new_BxKxG = jnp.exp(score_new_BxKxG - top)
-  denom = jnp.sum(p_BxKxGxS, axis=-1) + p_new_BxKxG
-  out = jnp.sum(p_BxKxGxS[..., None] * v_BxKxSxE[:, :, None].astype(F32), axis=3)
-  out = out + p_new_BxKxG[..., None] * v_new_BxKxE[:, :, None].astype(F32)
+    q_BxAxKxGxE = q.reshape(B, N // B, K, G, E).astype(k_pre_BxKxExP.dtype)
+    scores_BxAxKxGxP = jnp.einsum("bakge,bkep->bakgp", q_BxAxKxGxE, k_pre_BxKxExP, preferred_element_type=F32)
+    scores_BxAxKxGxP = jnp.where(valid_BxP[:, None, None, None], scores_BxAxKxGxP, neg)
+    top = jnp.maximum(top, jnp.max(scores_BxAxKxGxP, axis=-1).reshape(N, K, G))
+  p_NxKxGxS = jnp.exp(scores_NxKxGxS - top[..., None])
+  p_new_NxKxG = jnp.exp(score_new_NxKxG - top)
+  denom = jnp.sum(p_NxKxGxS, axis=-1) + p_new_NxKxG
+  out = jnp.sum(p_NxKxGxS[..., None] * v_NxKxSxE[:, :, None].astype(F32), axis=3)
+  out = out + p_new_NxKxG[..., None] * v_new_NxKxE[:, :, None].astype(F32)
   if prefix_kv is not None:
-    p_PxNxKxGxR = jnp.exp(scores_PxNxKxGxR - top.reshape(P, B // P, K, G)[..., None])
-    denom = denom + jnp.sum(p_PxNxKxGxR, axis=-1).reshape(B, K, G)
-    out = out + jnp.einsum("pnkgr,pkre->pnkge", p_PxNxKxGxR.astype(v_pre_PxKxRxE.dtype), v_pre_PxKxRxE,
-                           preferred_element_type=F32).reshape(B, K, G, E)
+    p_BxAxKxGxP = jnp.exp(scores_BxAxKxGxP - top.reshape(B, N // B, K, G)[..., None])
+    denom = denom + jnp.sum(p_BxAxKxGxP, axis=-1).reshape(N, K, G)
+    out = out + jnp.einsum("bakgp,bkpe->bakge", p_BxAxKxGxP.astype(v_pre_BxKxPxE.dtype), v_pre_BxKxPxE,
+                           preferred_element_type=F32).reshape(N, K, G, E)
   return out / denom[..., None]
 
 
@@ -495,9 +496,9 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, 
   would cost about a quarter of a small model's prefill.
 
   `prefix` (decode only, T = 1): a read-only cache shared by groups of rows, e.g. one prefilled prompt for
-  its num_samples rows. Its P rows serve the B rows prompt-major (row b reads prefix row b // (B / P)), every
-  row attends over all of its valid slots before the row's own cache, and positions continue after it. It is
-  stored and read once per group instead of once per row.
+  its num_samples rows. Here the B rows are prompts × samples, prompt-major: with p prefix rows, row b reads
+  prefix row b // (B / p). Every row attends over all of its valid slots before the row's own cache, and
+  positions continue after it. It is stored and read once per group instead of once per row.
   """
   B, T = tokens_BxT.shape
   S = cache.max_length

@@ -255,18 +255,19 @@ def bucket_boundaries(max_length: int, boundaries: Sequence[int] = (), min_bucke
 
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
-  """rows_SxG[s] are the example indices of global batch s (row-major over accum x micro); lengths_S its T."""
+  """rows_IxB[i] are the example indices of optimizer step i's global batch (row-major over accumulation x
+  micro-batch); lengths_I[i] its padded length T."""
 
-  rows_SxG: np.ndarray
-  lengths_S: np.ndarray
+  rows_IxB: np.ndarray
+  lengths_I: np.ndarray
 
   @property
   def num_steps(self) -> int:
-    return int(self.rows_SxG.shape[0])
+    return int(self.rows_IxB.shape[0])
 
   def fingerprint(self) -> str:
-    h = hashlib.sha256(self.rows_SxG.tobytes())
-    h.update(self.lengths_S.tobytes())
+    h = hashlib.sha256(self.rows_IxB.tobytes())
+    h.update(self.lengths_I.tobytes())
     return h.hexdigest()[:16]
 
 
@@ -304,8 +305,8 @@ def make_batch_plan(lengths: np.ndarray, *, global_batch: int, num_steps: int, s
         rows.append(b)
         lens.append(boundaries[np.searchsorted(boundaries, lengths[b].max())])
     epoch += 1
-  return BatchPlan(rows_SxG=np.stack(rows[:num_steps]).astype(np.int64),
-                   lengths_S=np.asarray(lens[:num_steps], np.int64))
+  return BatchPlan(rows_IxB=np.stack(rows[:num_steps]).astype(np.int64),
+                   lengths_I=np.asarray(lens[:num_steps], np.int64))
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -339,11 +340,11 @@ def pad_rows(examples: TokenizedExamples, indices: Sequence[int], length: int, p
 
 
 class SFTBatchSource:
-  """grain RandomAccessDataSource: record `step` = this process's rows of global batch `step`, A×b×T arrays."""
+  """grain RandomAccessDataSource: record `step` = this process's rows of global batch `step`, A×B×T arrays."""
 
   def __init__(self, examples: TokenizedExamples, plan: BatchPlan, *, accum_steps: int, pad_id: int,
                process_index: int = 0, process_count: int = 1):
-    g = plan.rows_SxG.shape[1]
+    g = plan.rows_IxB.shape[1]
     if g % accum_steps:
       raise ValueError(f"global batch {g} is not divisible by accum_steps={accum_steps}.")
     micro = g // accum_steps
@@ -362,10 +363,10 @@ class SFTBatchSource:
             f"accum={self.accum_steps}, process={self.process_index}/{self.process_count})")
 
   def __getitem__(self, step: int) -> dict[str, np.ndarray]:
-    rows_AxM = self.plan.rows_SxG[step].reshape(self.accum_steps, -1)
+    rows_AxB = self.plan.rows_IxB[step].reshape(self.accum_steps, -1)
     lo = self.process_index * self.local
-    local_AxB = rows_AxM[:, lo:lo + self.local]
-    length = int(self.plan.lengths_S[step])
+    local_AxB = rows_AxB[:, lo:lo + self.local]
+    length = int(self.plan.lengths_I[step])
     parts = [pad_rows(self.examples, r, length, self.pad_id) for r in local_AxB]
     batch = {k: np.stack([p[k] for p in parts]) for k in BATCH_KEYS}
     batch["step"] = np.asarray(step, np.int64)

@@ -263,7 +263,7 @@ def run_sft(config) -> dict:
   def on_metrics(step_no: int, m: dict[str, float]) -> None:
     where = (f"the last checkpoint is step {last_ckpt[0]} in {ckpt_root}" if last_ckpt[0]
              else "no checkpoint was written yet")
-    rows = [train_ex.origin(int(i)) for i in plan.rows_SxG[step_no - 1]]
+    rows = [train_ex.origin(int(i)) for i in plan.rows_IxB[step_no - 1]]
     shown = ", ".join(rows[:8]) + (f" and {len(rows) - 8} more" if len(rows) > 8 else "")
     metrics_lib.check_finite(step_no, m, context=f"({where}) The step's batch holds rows {shown}.")
     dt = m["step_time_s"]
@@ -336,8 +336,8 @@ def run_sft(config) -> dict:
       "accum_steps": geo.accum,
       "micro_batch": geo.micro,
       "buckets": boundaries,
-      "padding_fraction": float(1.0 - train_ex.lengths[plan.rows_SxG].sum() /
-                                (plan.lengths_S.astype(np.float64) * geo.global_batch).sum()),
+      "padding_fraction": float(1.0 - train_ex.lengths[plan.rows_IxB].sum() /
+                                (plan.lengths_I.astype(np.float64) * geo.global_batch).sum()),
       "loss_tokens_this_run": totals["tokens"],
       "tokens_per_s": totals["seq_tokens"] / totals["time"] if totals["time"] else None,
       "mfu": totals["flops"] / totals["time"] / peak if totals["time"] and peak else None,

@@ -62,8 +62,8 @@ def head_logprobs(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array, tar
     hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
     targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
   n = (T + pad) // c
-  h_KxBxCxD = hidden_BxTxD.reshape(B, n, c, D).swapaxes(0, 1)  # K = sequence chunks
-  t_KxBxC = targets_BxT.reshape(B, n, c).swapaxes(0, 1)
+  h_JxBxCxD = hidden_BxTxD.reshape(B, n, c, D).swapaxes(0, 1)  # J sequence chunks of C positions
+  t_JxBxC = targets_BxT.reshape(B, n, c).swapaxes(0, 1)
 
   @functools.partial(jax.checkpoint, prevent_cse=False)
   def chunk_logprobs(h_BxCxD, t_BxC):
@@ -75,12 +75,12 @@ def head_logprobs(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array, tar
     return target_BxC - lse_BxC, hit_BxC
 
   if n == 1:  # one chunk: no loop (and a faster compile)
-    logp_BxT, hit_BxT = chunk_logprobs(h_KxBxCxD[0], t_KxBxC[0])
+    logp_BxT, hit_BxT = chunk_logprobs(h_JxBxCxD[0], t_JxBxC[0])
   else:
-    _, (logp_KxBxC, hit_KxBxC) = jax.lax.scan(lambda carry, xs: (carry, chunk_logprobs(*xs)), None,
-                                              (h_KxBxCxD, t_KxBxC))
-    logp_BxT = logp_KxBxC.swapaxes(0, 1).reshape(B, n * c)
-    hit_BxT = hit_KxBxC.swapaxes(0, 1).reshape(B, n * c)
+    _, (logp_JxBxC, hit_JxBxC) = jax.lax.scan(lambda carry, xs: (carry, chunk_logprobs(*xs)), None,
+                                              (h_JxBxCxD, t_JxBxC))
+    logp_BxT = logp_JxBxC.swapaxes(0, 1).reshape(B, n * c)
+    hit_BxT = hit_JxBxC.swapaxes(0, 1).reshape(B, n * c)
   return logp_BxT[:, :T].astype(F32), hit_BxT[:, :T]
 
 
