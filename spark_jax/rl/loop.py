@@ -28,6 +28,7 @@ from ml_collections import ConfigDict
 
 from spark_jax import sharding as shd
 from spark_jax.rl import policy as policy_lib
+from spark_jax.rl import prm_prompt
 from spark_jax.rl import programs as programs_lib
 from spark_jax.rl import step as rl_step
 
@@ -387,7 +388,13 @@ def run_rl(config) -> dict:
     m.update(upd)
     m.update(timing)
     m["time_update"] = time.time() - t_update
-    tokens = float(np.sum(pl)) * G + float(np.sum(np.asarray(roll.response_lengths_N)))
+    lengths_N = np.asarray(roll.response_lengths_N)
+    tokens = float(np.sum(pl)) * G + float(np.sum(lengths_N))
+    # Sampled ids that are not the canonical tokenisation of their own text: fed to the PRM as they are
+    # (rl/prm_prompt.py), so their share says how far the PRM's inputs drift from what it saw in training.
+    response_tokens = np.asarray(roll.response_tokens_NxR)
+    m["non_canonical_responses"] = prm_prompt.count_non_canonical(
+        tokenizer, [response_tokens[i, :lengths_N[i]] for i in range(len(lengths_N))]) / max(len(lengths_N), 1)
     m["tokens_per_s_per_device"] = tokens / dt / jax.device_count()
     return st, m
 
@@ -408,6 +415,8 @@ def run_rl(config) -> dict:
 
   summary: dict[str, Any] = {"job": "rl", "workdir": workdir, "reward": reward_type}
   try:
+    if start == 0 and int(config.eval_every) > 0:
+      evaluate(0, state)  # the starting accuracy: the learning curve's first point
     state, steps_run = loop_lib.run(
         rl_step_fn, state, batches(), start=start, stop=stop_at, on_metrics=on_metrics,
         rng=jax.random.PRNGKey(int(config.seed)), checkpoint_every=int(config.checkpoint_every), save=save,

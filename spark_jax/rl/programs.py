@@ -85,6 +85,7 @@ class Programs:
                                              compute_dtype=update_settings.compute_dtype)
     self._update = rl_step.make_update_step(policy_cfg, tx, schedule, mesh, update_settings)
     self._engine = None
+    self.last_prm_texts: list[str | None] = []
 
   def _host_advantages(self, rewards_N, ok_N, lengths_N, steps, verdicts, R):
     s = self.settings
@@ -125,6 +126,7 @@ class Programs:
       rewards = _grade([t for t in texts], [golds[i // G] for i in range(N)])
     else:
       prm_texts = self._host_prm(prm_params, texts, ids, problems, prm_tokenizer, token_bytes, special)
+      self.last_prm_texts = prm_texts  # the PRM outputs of the last host-path batch (tests, debugging)
       coins = np.asarray(jax.random.bernoulli(jax.random.split(key)[1], 0.5, (N,)))
       results = [rewards_lib.host_reward(s.reward_type, texts[i], prm_texts[i], coin=bool(coins[i]),
                                          min_steps=s.min_steps_selective, max_steps=s.max_steps)
