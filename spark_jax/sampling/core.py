@@ -150,17 +150,18 @@ TOP_P_CANDIDATES = 1024
 _TOP_P_COVER_MARGIN = 1e-6
 
 
-def _nucleus(probs_NxK: jax.Array, top_p: float, mass_Nx1: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """(tokens of descending `probs_NxK` whose mass before them is < top_p, cumulative mass through the last one).
+def _nucleus(probs_NxV: jax.Array, top_p: float, mass_Nx1: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(tokens of descending `probs_NxV` whose mass before them is < top_p, cumulative mass through the last one).
 
-  `mass_Nx1` is the mass before the first of these tokens (0 when omitted).
+  `probs_NxV` is a descending run of vocabulary entries (the top-k candidates, or a slice of the full sort);
+  `mass_Nx1` is the mass before the first of them (0 when omitted).
   """
-  cum_NxK = jnp.cumsum(probs_NxK, axis=-1)
+  cum_NxV = jnp.cumsum(probs_NxV, axis=-1)
   if mass_Nx1 is not None:
-    cum_NxK = mass_Nx1 + cum_NxK
-  mass_before_NxK = cum_NxK - probs_NxK
-  count_Nx1 = jnp.sum(mass_before_NxK < jnp.float32(top_p), axis=-1, keepdims=True)
-  return count_Nx1, cum_NxK[:, -1:]
+    cum_NxV = mass_Nx1 + cum_NxV
+  mass_before_NxV = cum_NxV - probs_NxV
+  count_Nx1 = jnp.sum(mass_before_NxV < jnp.float32(top_p), axis=-1, keepdims=True)
+  return count_Nx1, cum_NxV[:, -1:]
 
 
 def _top_p_threshold(x_NxV: jax.Array, top_p: float, candidates: int) -> jax.Array:
@@ -177,9 +178,9 @@ def _top_p_threshold(x_NxV: jax.Array, top_p: float, candidates: int) -> jax.Arr
   V = x_NxV.shape[-1]
   k = min(V, candidates)
   lse_Nx1 = jax.nn.logsumexp(x_NxV, axis=-1, keepdims=True)
-  cand_NxK, _ = jax.lax.top_k(x_NxV, k)  # descending
-  keep_Nx1, mass_Nx1 = _nucleus(jnp.exp(cand_NxK - lse_Nx1), top_p)
-  fast_Nx1 = jnp.take_along_axis(cand_NxK, keep_Nx1 - 1, axis=-1)
+  cand_Nxk, _ = jax.lax.top_k(x_NxV, k)  # descending; lowercase k: the candidate count, not the KV heads K
+  keep_Nx1, mass_Nx1 = _nucleus(jnp.exp(cand_Nxk - lse_Nx1), top_p)
+  fast_Nx1 = jnp.take_along_axis(cand_Nxk, keep_Nx1 - 1, axis=-1)
   if k == V:  # the candidates are the whole row
     return fast_Nx1
 
@@ -246,7 +247,7 @@ def _window_width(params: SamplingParams, table: StopTable) -> int:
 def _push_bytes(window_NxW, tokens_N, table: StopTable):
   """Appends each row's token bytes to its window (keeping the last W); returns (window, new byte count)."""
   N, W = window_NxW.shape
-  tok_bytes = jnp.take(table.bytes_VxW, tokens_N, axis=0).astype(window_NxW.dtype)  # N×Tmax
+  tok_bytes = jnp.take(table.bytes_VxW, tokens_N, axis=0).astype(window_NxW.dtype)  # N × the table's byte width
   n_N = jnp.take(table.lengths_V, tokens_N, axis=0)
   both = jnp.concatenate([window_NxW, tok_bytes], axis=1)  # the last W bytes of window+token start at n
   index = n_N[:, None] + jnp.arange(W)[None, :]
@@ -254,7 +255,7 @@ def _push_bytes(window_NxW, tokens_N, table: StopTable):
 
 
 def _stop_string_hits(window_NxW, n_new_N, params: SamplingParams) -> jax.Array:
-  """N×J: stop string j has an occurrence ending within the n newest bytes of the window."""
+  """N×O: stop string o has an occurrence ending within the n newest bytes of the window."""
   N, W = window_NxW.shape
   hits = []
   for s in params.stop_strings:
@@ -309,9 +310,9 @@ def _record(state: _State, step, tokens_N, logprobs_N, params: SamplingParams, t
   if params.stop_strings:
     pushed, n_new = _push_bytes(window, tokens_N, table)
     window = jnp.where(active[:, None], pushed, window)
-    hits_NxJ = _stop_string_hits(window, n_new, params) & active[:, None]
-    hit = jnp.any(hits_NxJ, axis=1) & ~stopped  # a stop token wins over a stop string
-    finish_N = jnp.where(hit, FINISH_STOP_STRING + jnp.argmax(hits_NxJ, axis=1).astype(jnp.int32), finish_N)
+    hits_NxO = _stop_string_hits(window, n_new, params) & active[:, None]
+    hit = jnp.any(hits_NxO, axis=1) & ~stopped  # a stop token wins over a stop string
+    finish_N = jnp.where(hit, FINISH_STOP_STRING + jnp.argmax(hits_NxO, axis=1).astype(jnp.int32), finish_N)
     stopped |= hit
   return dataclasses.replace(
       state, last_N=tokens_N, tokens_NxM=tokens_NxM, logprobs_NxM=logprobs_NxM, done_N=state.done_N | stopped,
@@ -380,10 +381,11 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
   logits_Bx1xV, cache = decoder.forward_cached(cfg, params, tokens_BxP, positions_BxP, mask_BxP, cache, 0,
                                                last_only=True)
   prefix = None
+  logits_Nx1xV = logits_Bx1xV  # N = B with one sample per prompt
   if shared:
     prefix = _constrain_cache(cache)
     cache = decoder.init_cache(cfg, N, M)
-    logits_Bx1xV = jnp.repeat(logits_Bx1xV, ns, axis=0)
+    logits_Nx1xV = jnp.repeat(logits_Bx1xV, ns, axis=0)
   cache = _constrain_cache(cache)
   lengths_N = jnp.repeat(lengths_B, ns)
 
@@ -395,7 +397,7 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
       tokens_NxM=jnp.zeros((N, M), jnp.int32), logprobs_NxM=jnp.zeros((N, M), F32),
       done_N=~active_N, finish_N=jnp.where(active_N, FINISH_LENGTH, FINISH_INACTIVE).astype(jnp.int32),
       lengths_N=jnp.zeros((N,), jnp.int32), window_NxW=window)
-  tok_N, lp_N = sample_tokens(logits_Bx1xV[:, 0], _step_keys(row_keys_N, 0), settings)
+  tok_N, lp_N = sample_tokens(logits_Nx1xV[:, 0], _step_keys(row_keys_N, 0), settings)
   state = _record(state, 0, tok_N, lp_N, settings, stop_table)
   # The prefill's token counts as a step only if some row takes it; decode steps follow while any row runs.
   state = dataclasses.replace(state, step=jnp.any(active_N).astype(jnp.int32))

@@ -5,15 +5,15 @@ decode rows, each batch left-padded to a bucketed prompt length and a bucketed p
 compiles a handful of programs (`compiled_program_count()` counts them process-wide). Results come back in
 the original prompt order.
 
-Batch sizes (`plan_batches`). On a mesh the decode rows split evenly over the R = data x fsdp row shards, so a
-batch holds a multiple of g = R / gcd(R, num_samples) prompts: the fewest whose rows fill every shard
+Batch sizes (`plan_batches`). On a mesh the decode rows split evenly over the r = data x fsdp row shards, so a
+batch holds a multiple of g = r / gcd(r, num_samples) prompts: the fewest whose rows fill every shard
 equally. A full batch holds the most such prompts whose rows fit `max_batch_rows` (at least g: when g prompts'
 rows already exceed it, the batch holds those g). The last, partial batch rounds its prompt count up to g
 times a power of two, so a job compiles few batch shapes. Padding prompts exist only there, and their rows
 start done (`generate_core(row_active_N=...)`): they cost a prefill and ride along in each decode step's
 shapes, but never keep the loop running. Example: 4 prompts x 16 samples on 8 row shards is one batch of 4
 prompts (64 rows, 8 per device), not 8 prompts of which half are padding. When a batch's prompt count does
-not divide over the R shards, its prompt arrays (and the prefill over them) are replicated while its decode
+not divide over the r shards, its prompt arrays (and the prefill over them) are replicated while its decode
 rows stay sharded.
 
 Parameters. `generate(..., params=...)` runs with other parameters of the same shapes and dtypes (the RL
@@ -110,9 +110,9 @@ def bucket_length(n: int, buckets: Sequence[int] | None = None) -> int:
 
 
 @jax.jit
-def _row_keys_jit(base, prompt_indices_B, samples_S):
+def _row_keys_jit(base, prompt_indices_B, samples_A):
   per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, prompt_indices_B)
-  return jax.vmap(lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, samples_S))(per_prompt)
+  return jax.vmap(lambda k: jax.vmap(jax.random.fold_in, in_axes=(None, 0))(k, samples_A))(per_prompt)
 
 
 def _row_keys(seed: int, prompt_indices: np.ndarray, num_samples: int) -> np.ndarray:

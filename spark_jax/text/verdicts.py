@@ -131,7 +131,7 @@ def strip_thinking(text: str) -> str:
 
 
 def contiguous_steps(verdicts: Mapping[int, bool]) -> list[bool]:
-  """Step vector [v_1, ..., v_K] from a step-number -> verdict map; stops at the first gap (decision 5)."""
+  """Step vector [v_1, ..., v_n] from a step-number -> verdict map; stops at the first gap (decision 5)."""
   steps = []
   while len(steps) + 1 in verdicts:
     steps.append(verdicts[len(steps) + 1])
