@@ -181,12 +181,12 @@ class Attention(nnx.Module):
     if cache_kv is None or T > 1:
       out = _chunked_attention(q_BxKxGxTxE, k_BxKxExS.astype(q.dtype), v_BxKxSxE, mask_BxTxS,
                                cfg.attention_chunk).astype(x_BxTxD.dtype)
-    out_BxTxF = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
+    flat_out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)  # B×T×(H·E)
     # One flat contraction over (heads, head_dim): given the two contracting dims separately, XLA's CPU
     # layout assignment transposed the H×E×D weight (a full copy of it every decode step) to match an
     # E-major activation.
-    kernel_FxD = self.o_proj.kernel[...].reshape(H * E, -1)
-    return jnp.einsum("btf,fd->btd", out_BxTxF, kernel_FxD, preferred_element_type=F32).astype(x_BxTxD.dtype), \
+    flat_kernel = self.o_proj.kernel[...].reshape(H * E, -1)  # (H·E)×D
+    return jnp.einsum("btf,fd->btd", flat_out, flat_kernel, preferred_element_type=F32).astype(x_BxTxD.dtype), \
         new_cache
 
 
