@@ -39,8 +39,8 @@ def world_config(config, quick: bool = False):
 
   `world`: the PRM is the PRM-CoT that the world demo trains in Stage II (run
   `python -m spark_jax.main --config=configs/demo.py` first). `world_quick`: the quick demo's bootstrap models
-  (the ones the test suite's fixture trains and caches), with the bootstrap verifier as the PRM: it writes the
-  PRM-CoT format, so every reward type parses its verdicts without a Stage II run.
+  (the ones the test suite's `world` fixture trains and caches) and their Stage II PRM-CoT
+  (spark_jax/world/demo.py `world_prm`, the suite's `world_prm` fixture: trained on first use, then cached).
 
   RL prompts are fresh world problems (`spark_jax.world.task`), written once next to the run with their
   answers; validation problems come from another seed (held out from the RL prompts).
@@ -61,13 +61,13 @@ def world_config(config, quick: bool = False):
                               "(`python -m spark_jax.main --config=configs/demo.py --config.quick=True`, or the "
                               "test suite's `world` fixture); they are cached by their settings' fingerprint.")
     with open(summary) as f:
-      prm_dir = json.load(f)["verifier_dir"]
+      prm_dir = demo.world_prm(world, json.load(f))  # trained once per machine (minutes), then cached
   else:
     stage2 = os.path.join(os.path.abspath(world.workdir), "stage2", "summary.json")
     if not os.path.exists(stage2):
       raise FileNotFoundError(f"{stage2} is missing: the world's PRM comes from the demo's Stage II; run "
                               "`python -m spark_jax.main --config=configs/demo.py` first (or use the "
-                              "world_quick variant, whose PRM is the bootstrap verifier).")
+                              "world_quick variant, whose PRM trains on first use).")
     with open(stage2) as f:
       prm_dir = json.load(f)["runs"]["step_consistency/prm_cot"]["export_dir"]
   config.workdir = "runs/rl_world_quick" if quick else "runs/rl_world"

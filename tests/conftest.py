@@ -29,3 +29,15 @@ def world():
   config.quick = True
   config = demo.resolve(config)
   return bootstrap.run_bootstrap(config, bootstrap.bootstrap_dir(config, ""))
+
+
+@pytest.fixture(scope="session")
+def world_prm(world):
+  """The quick world's Stage II PRM-CoT (step-consistency labels), trained once per machine from the `world`
+  fixture's models by the demo's own Stage I and Stage II (spark_jax/world/demo.py `world_prm`); its export
+  directory (world tokenizer). Stage III's reward tests score with it."""
+  from configs import demo as demo_config
+  from spark_jax.world import demo
+  config = demo_config.get_config()
+  config.quick = True
+  return demo.world_prm(config, world)

@@ -236,3 +236,28 @@ def run_demo(config) -> dict:
   io.write_summary(workdir, summary)
   print(f"[demo] wall time {wall:.1f} s; report: {path}", flush=True)
   return summary
+
+
+def world_prm(config, bootstrap_summary: dict, variant: str = "step_consistency", fmt: str = "prm_cot") -> str:
+  """This world's Stage II PRM (one data variant and format) for Stage III outside the demo (configs/rl.py's
+  `world_quick`, the test suite's `world_prm` fixture); returns its export directory.
+
+  The demo's own Stage I and Stage II stages run in `<bootstrap dir>/stage2_<variant>-<fmt>`, finished stages
+  read back from their summaries, so with `bootstrap.cache` it trains once per machine, next to the models it
+  starts from.
+  """
+  config = resolve(config)
+  config.stage2.variants = (variant,)
+  config.stage2.formats = (fmt,)
+  root = boot.bootstrap_dir(config, _stage_dir(config, "bootstrap"))
+  config.workdir = os.path.join(root, f"stage2_{variant}-{fmt}")
+  results = {"bootstrap": bootstrap_summary}
+  stages = dict(STAGES)
+  for name in ("stage1", "stage2"):
+    results[name] = boot.finished_summary(_stage_dir(config, name)) or stages[name](config, results)
+  export_dir = results["stage2"]["runs"][f"{variant}/{fmt}"]["export_dir"]
+  if not export_dir:
+    raise RuntimeError(f"world_prm: Stage I kept too few {variant} rows to train a {fmt} PRM "
+                       f"({results['stage2']['runs'][f'{variant}/{fmt}']['train_examples']}); see "
+                       f"{_stage_dir(config, 'stage1')}.")
+  return export_dir

@@ -1,0 +1,130 @@
+"""The in-graph reward equals the host reference (`reward.in_graph=False`) for every reward type, on the
+embedded world's trained models: the bootstrap generator as the policy (session fixture `world`) and the
+world's Stage II PRM-CoT as the PRM (session fixture `world_prm`), both trained once per machine and cached.
+
+Each type runs both paths of `rl.programs.Programs.rollout_and_reward` from the same key on 26 prompts x 8
+rollouts = 208 rows: the same rollouts, then rewards and token advantages compared row by row. The rows where
+the in-graph rules deliberately narrow the host's (rl/automata.py: a PRM output with a second `</think>` or an
+unclosed `<think>`, non-ASCII text) are counted and must be a small share; every other row must agree. A
+real share of rewards must be non-zero and both outcomes must occur, so equality on all-zero rewards cannot
+pass. `rlvr` is graded on the host on both paths; its check is math_verify's reward against the world's exact
+answers.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from spark_jax.rl import step as rl_step
+
+B, G = 26, 8  # 208 rollouts per reward type
+MAX_RESPONSE, PRM_NEW = 96, 160
+LEARNED = [t for t in rl_step.REWARD_TYPES if t != "rlvr"]
+
+
+@pytest.fixture(scope="module")
+def setup(world, world_prm):
+  from configs import demo as demo_config
+  from spark_jax import sharding as shd
+  from spark_jax.rl import loop, policy
+  from spark_jax.tokenizer import Tokenizer
+  from spark_jax.world import bootstrap, demo, task
+  cfg = demo_config.get_config()
+  cfg.quick = True
+  tc = bootstrap.task_config(demo.resolve(cfg))
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  spec = lambda name: loop.ConfigDict({"name": name, "init": "pretrained", "dtype": "float32", "remat": "none"})
+  pcfg, pparams, _ = loop._load(spec(world["generator_dir"]), mesh, 0, "policy")
+  prm_cfg, prm_params, _ = loop._load(spec(world_prm), mesh, 1, "prm")
+  tok = Tokenizer.from_pretrained(world["tokenizer_dir"])
+  problems = task.make_problems(777, B, tc, prefix="eq")
+  prompts = [policy.RLPrompt(i, "world", p.text, p.answer) for i, p in enumerate(problems)]
+  pids, qids = policy.encode_prompts(tok, prompts, template="generator", max_prompt_tokens=256)
+  pt, pl = loop.left_pad(pids, max(map(len, pids)))
+  qt, ql = loop.right_pad(qids, max(map(len, qids)))
+  return dict(pcfg=pcfg, pparams=pparams, prm_cfg=prm_cfg, prm_params=prm_params, tok=tok, mesh=mesh,
+              problems=problems, pt=pt, pl=pl, qt=qt, ql=ql)
+
+
+def _programs(s, reward_type):
+  from spark_jax.rl import programs as programs_lib
+  from spark_jax.train import step as train_step
+  tok = s["tok"]
+  settings = rl_step.RolloutSettings(
+      group_size=G, max_response=MAX_RESPONSE, stop_token_ids=tuple(tok.end_of_turn_ids), reward_type=reward_type,
+      temperature=1.0, top_p=1.0, top_k=0, prm_max_new_tokens=PRM_NEW, prm_stop_token_ids=tuple(tok.end_of_turn_ids),
+      rollout_chunk=0, prm_chunk=0, rlvr_gate=False, orm_prompt_bug=False, prm_all_rows=False, adv_scale="group")
+  tx, schedule = train_step.make_optimizer(s["pcfg"], lr=1e-5, total_steps=1, warmup_ratio=0.0, schedule="constant")
+  programs = programs_lib.Programs(s["pcfg"], s["prm_cfg"], settings, rl_step.UpdateSettings(), tx, schedule,
+                                   s["mesh"])
+  tables = programs_lib.make_reward_tables(tok, settings, tok, s["pcfg"].vocab_size)
+  return programs, tables
+
+
+def _run(s, reward_type, in_graph, key=jax.random.PRNGKey(11)):
+  programs, tables = _programs(s, reward_type)
+  roll, _ = programs.rollout_and_reward(
+      s["pparams"], s["prm_params"], tables, s["pt"], s["pl"], s["qt"], s["ql"], key,
+      golds=[p.answer for p in s["problems"]], problems=[p.text for p in s["problems"]], tokenizer=s["tok"],
+      prm_tokenizer=s["tok"], in_graph=in_graph)
+  return programs, jax.device_get(roll)
+
+
+def _narrowed(text: str | None) -> bool:
+  """A PRM output the in-graph verdict rules deliberately leave to the host (rl/automata.py docstring)."""
+  if text is None:
+    return False
+  return text.count("</think>") > 1 or text.count("<think>") > text.count("</think>") or not text.isascii()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reward_type", LEARNED)
+def test_in_graph_reward_equals_the_host_reference(setup, reward_type, record_property):
+  s = setup
+  host_programs, host = _run(s, reward_type, in_graph=False)
+  _, graph = _run(s, reward_type, in_graph=True)
+  N = B * G
+  np.testing.assert_array_equal(graph.response_lengths_N, host.response_lengths_N)
+  np.testing.assert_array_equal(graph.response_tokens_NxR, host.response_tokens_NxR)
+  np.testing.assert_array_equal(graph.format_ok_N, host.format_ok_N)
+  narrowed = np.zeros(N, bool)
+  if rl_step.REWARD_FORMATS[reward_type] is not None:
+    narrowed = np.asarray([_narrowed(t) for t in host_programs.last_prm_texts])
+  ok = ~narrowed
+  r_graph, r_host = np.asarray(graph.rewards_N), np.asarray(host.rewards_N)
+  mismatch = ~np.isclose(r_graph, r_host, atol=1e-6)
+  groups_ok = np.repeat(ok.reshape(B, G).all(axis=1), G)
+  adv_mismatch = ~np.all(np.isclose(np.asarray(graph.advantages_NxR), np.asarray(host.advantages_NxR),
+                                    atol=1e-4, rtol=1e-4), axis=1)
+  nonzero = float(np.mean(r_host != 0))
+  record_property("rows", N)
+  record_property("nonzero_share", nonzero)
+  record_property("narrowed_rows", int(narrowed.sum()))
+  record_property("reward_mismatches", int(mismatch.sum()))
+  print(f"{reward_type}: rows {N}, non-zero {nonzero:.3f}, gate pass {np.mean(host.format_ok_N):.3f}, "
+        f"narrowed {int(narrowed.sum())}, reward mismatches {int(mismatch.sum())} "
+        f"(outside narrowed rows {int((mismatch & ok).sum())}), advantage mismatches {int(adv_mismatch.sum())} "
+        f"(outside narrowed groups {int((adv_mismatch & groups_ok).sum())})")
+  assert narrowed.mean() <= 0.05, f"{int(narrowed.sum())} of {N} rows fall under the in-graph narrowings"
+  assert not np.any(mismatch & ok), (
+      f"{reward_type}: rewards differ on rows {np.flatnonzero(mismatch & ok)[:10]}: graph "
+      f"{r_graph[mismatch & ok][:10]} vs host {r_host[mismatch & ok][:10]}")
+  assert not np.any(adv_mismatch & groups_ok), (
+      f"{reward_type}: advantages differ on rows {np.flatnonzero(adv_mismatch & groups_ok)[:10]}")
+  # Equality on all-zero (or all-equal) rewards proves nothing: both outcomes must occur, in real shares.
+  assert 0.05 <= nonzero <= 0.95, f"{reward_type}: only {nonzero:.3f} of the rewards are non-zero"
+  assert np.any(np.asarray(graph.advantages_NxR) != 0)
+
+
+@pytest.mark.slow
+def test_rlvr_reward_is_the_exact_world_answer(setup):
+  """rlvr (math_verify on the host, ungated as D12's faithful baseline) against the world's exact answers."""
+  from spark_jax.text.answers import extract_answer
+  s = setup
+  _, roll = _run(s, "rlvr", in_graph=True)
+  tok = s["tok"]
+  texts = [tok.decode(np.asarray(roll.response_tokens_NxR)[i, :int(roll.response_lengths_N[i])].tolist(),
+                      skip_special_tokens=True) for i in range(B * G)]
+  exact = np.asarray([extract_answer(t) == str(s["problems"][i // G].answer) for i, t in enumerate(texts)])
+  np.testing.assert_array_equal(np.asarray(roll.rewards_N) > 0, exact)
+  assert 0.02 <= exact.mean() <= 0.98, f"rlvr: {exact.mean():.3f} of the rollouts are right"
