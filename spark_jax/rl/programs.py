@@ -125,7 +125,8 @@ class Programs:
     if s.reward_type == "rlvr":
       rewards = _grade([t for t in texts], [golds[i // G] for i in range(N)])
     else:
-      prm_texts = self._host_prm(prm_params, texts, ids, problems, prm_tokenizer, token_bytes, special)
+      prm_texts = (self._host_prm(prm_params, texts, ids, problems, prm_tokenizer, token_bytes, special)
+                   if s.prm_format is not None else [None] * N)  # `random` reads no PRM
       self.last_prm_texts = prm_texts  # the PRM outputs of the last host-path batch (tests, debugging)
       coins = np.asarray(jax.random.bernoulli(jax.random.split(key)[1], 0.5, (N,)))
       results = [rewards_lib.host_reward(s.reward_type, texts[i], prm_texts[i], coin=bool(coins[i]),
