@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from configs.rl import rl_config
+
 from spark_jax.rl import loop as rl_loop
 from spark_jax.rl import policy as policy_lib
 
@@ -41,7 +43,7 @@ def test_parquet_prompts(tmp_path):
 
 
 def _config(**kw):
-  c = rl_loop.default_config()
+  c = rl_config()
   for k, v in kw.items():
     node, *rest = k.split(".")
     if rest:

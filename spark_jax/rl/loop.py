@@ -33,83 +33,6 @@ from spark_jax.rl import programs as programs_lib
 from spark_jax.rl import step as rl_step
 
 
-def default_config() -> ConfigDict:
-  """Every RL knob with its D10 default. Required: `data.train` and the models.
-
-  policy / prm / reference      model specs (common.model); reference "" = the policy's initial weights.
-  tokenizer / prm_tokenizer     tokenizer directories ("" = the model's checkpoint directory).
-  data.train / data.val         RL prompt sets (JSONL / parquet / directory / hub id); val "" = no evaluation.
-  data.problem_key / answer_key fields (dotted paths allowed) of the raw problem and the ground truth.
-  data.template                 "chat" | "plain" (policy prompt rendering, rl/policy.py).
-  prompts_per_step / group_size B prompts x G rollouts (D10: 256 x 16).
-  max_prompt_tokens / max_response  prompt and response budgets (D10: 2048 / 2048).
-  temperature / top_p / top_k   rollout sampling (D10: 1, 1, 0).
-  reward.type                   one of rl.step.REWARD_TYPES; reward.in_graph False = host reference path.
-  reward.prm_max_new_tokens     PRM output budget; reward.prm_chunk / rollout_chunk rows/prompts per block.
-  reward.rlvr_gate / orm_prompt_bug / prm_all_rows   D12 / D10 knobs, benchmark knob.
-  adv_scale                     "group" | "batch" | "none".
-  lr, schedule, warmup_ratio, weight_decay, grad_clip   AdamW (D10: 1e-6 constant, 0, 0.01, 1.0).
-  clip_low / clip_high / dual_clip, beta, kl_type, loss_agg   the GRPO loss (D10: 0.2 / 0.2 / 3, 0.001, k3,
-                                token-mean).
-  mini_batches / ppo_epochs     optimizer steps per rollout batch = mini_batches x ppo_epochs (D10: 1 x 1).
-  use_sampler_logprobs          pi_old = the sampler's log-probs instead of the trainer's recomputation.
-  dynamic_sampling / max_sampling_rounds   DAPO's filter of zero-variance groups, refill rounds.
-  num_steps, eval_every, eval_prompts, eval_max_response, checkpoint_every, keep_checkpoints, log_every,
-  export_dir ("" = workdir/export, "none" = no export), progress_bar.
-  resume                        "auto" | "force" (resume a checkpoint written with other settings).
-  debug_stop_after              stop after this step (tests of resumption); 0 = off.
-  """
-  from configs import common
-  c = common.base("rl", "runs/rl")
-  c.policy = common.model("qwen2.5-0.5b", init="random")
-  c.prm = common.model("qwen2.5-0.5b", init="random")
-  c.reference = ""
-  c.tokenizer = ""
-  c.prm_tokenizer = ""
-  c.data = ConfigDict({"train": "", "val": "", "split": "train", "problem_key": "problem",
-                       "answer_key": "answer", "template": "chat", "limit": 0})
-  c.prompts_per_step = 256
-  c.group_size = 16
-  c.max_prompt_tokens = 2048
-  c.max_response = 2048
-  c.temperature = 1.0
-  c.top_p = 1.0
-  c.top_k = 0
-  c.reward = ConfigDict({"type": "prm_cot_outcome", "in_graph": True, "prm_max_new_tokens": 4096,
-                         "prm_chunk": 0, "rollout_chunk": 0, "rlvr_gate": False, "orm_prompt_bug": False,
-                         "prm_all_rows": False})
-  c.adv_scale = "group"
-  c.lr = 1e-6
-  c.schedule = "constant"
-  c.warmup_ratio = 0.0
-  c.weight_decay = 0.01
-  c.grad_clip = 1.0
-  c.clip_low = 0.2
-  c.clip_high = 0.2
-  c.dual_clip = 3.0
-  c.beta = 0.001
-  c.kl_type = "k3"
-  c.loss_agg = "token-mean"
-  c.logits_chunk = 1024
-  c.mini_batches = 1
-  c.ppo_epochs = 1
-  c.use_sampler_logprobs = False
-  c.dynamic_sampling = False
-  c.max_sampling_rounds = 3
-  c.num_steps = 100
-  c.eval_every = 10
-  c.eval_prompts = 0
-  c.eval_max_response = 0
-  c.checkpoint_every = 50
-  c.keep_checkpoints = 2
-  c.resume = "auto"
-  c.debug_stop_after = 0
-  c.log_every = 1
-  c.export_dir = ""
-  c.progress_bar = True
-  return c
-
-
 # ------------------------------------------------------------------------------------------ prompt data
 
 
@@ -262,7 +185,7 @@ NOT_RESULT = ("job", "workdir", "mesh", "checkpoint_every", "keep_checkpoints", 
 
 
 def run_rl(config) -> dict:
-  """Runs GRPO per `config` (see `default_config`); returns the summary."""
+  """Runs GRPO per `config` (every knob: configs/rl.py `rl_config`); returns the summary."""
   from spark_jax.io import write_summary
   from spark_jax.train import checkpoint as ckpt_lib
   from spark_jax.train import loop as loop_lib
