@@ -135,7 +135,7 @@ def test_step_ends_equal_host_rule(vocab):
   steps = A.build_step_ends(vocab.table, vocab.special)
   toks, lens = _pad(rows)
   got = jax.jit(A.run_step_ends, static_argnames="max_steps")(steps, toks, lens, max_steps=16)
-  counts, ends = np.asarray(got.count_N), np.asarray(got.ends_NxK)
+  counts, ends = np.asarray(got.count_N), np.asarray(got.ends_NxY)
   assert (counts >= 3).sum() > 20
   for i, t in enumerate(texts):
     want = R.step_end_tokens(vocab.table, rows[i], vocab.special)
@@ -155,7 +155,7 @@ def test_verdicts_equal_host_parser(vocab, fmt):
   toks, lens = _pad(rows)
   got = jax.jit(A.run_verdicts, static_argnames="max_steps")(tables, toks, lens, max_steps=8)
   final, unsupported = np.asarray(got.final_N), np.asarray(got.unsupported_N)
-  n, steps = np.asarray(got.num_steps_N), np.asarray(got.steps_NxK)
+  n, steps = np.asarray(got.num_steps_N), np.asarray(got.steps_NxY)
   checked = 0
   for i, t in enumerate(texts):
     has_think = "<think>" in t or "</think>" in t

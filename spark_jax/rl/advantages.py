@@ -12,9 +12,9 @@ tokens. Everything here is a pure jnp function (jit/vmap/shard-friendly, no host
   * `global_step`  0.8 x outcome advantage + 0.2 x a step advantage from per-step rewards +-1/n normalised over
                    all steps of the group and summed from each token to the end (reverse cumulative sum).
 
-Step inputs (from the token automata in rl/automata.py): `step_ends_NxK[i, j]` is the response-token index
+Step inputs (from the token automata in rl/automata.py): `step_ends_NxY[i, j]` is the response-token index
 that closes policy step j of row i (the token holding the step's last byte), valid for j < num_steps_N[i];
-`verdicts_NxK[i, j]` is +1 (correct) / -1 (incorrect) for the PRM's j-th step verdict, valid for
+`verdicts_NxY[i, j]` is +1 (correct) / -1 (incorrect) for the PRM's j-th step verdict, valid for
 j < num_verdicts_N[i]. Entries past the counts are ignored whatever they hold.
 """
 
@@ -64,11 +64,11 @@ def scaled(rewards_N: jax.Array, group_size: int, scale: str = "group", eps: flo
   """
   if scale not in SCALES:
     raise ValueError(f"advantage scale {scale!r} is not one of {SCALES}.")
-  r_GxS = _groups(rewards_N.astype(F32), group_size)
-  mean_G, std_G = _mean_std(r_GxS, axis=1)
-  centred = r_GxS - mean_G[:, None]
+  r_BxA = _groups(rewards_N.astype(F32), group_size)
+  mean_B, std_B = _mean_std(r_BxA, axis=1)
+  centred = r_BxA - mean_B[:, None]
   if scale == "group":
-    centred = centred / (std_G[:, None] + eps)
+    centred = centred / (std_B[:, None] + eps)
   elif scale == "batch":
     centred = centred / (_mean_std(rewards_N.astype(F32))[1] + eps)
   return centred.reshape(-1)
@@ -78,7 +78,7 @@ def _valid_steps(count_N: jax.Array, K: int) -> jax.Array:
   return jnp.arange(K)[None, :] < count_N[:, None]
 
 
-def step_token_ids(step_ends_NxK: jax.Array, num_steps_N: jax.Array, R: int, first_step_start: int = 3
+def step_token_ids(step_ends_NxY: jax.Array, num_steps_N: jax.Array, R: int, first_step_start: int = 3
                    ) -> jax.Array:
   """Which policy step each response token belongs to, int32[N, R]: j for tokens of step j, -1 elsewhere.
 
@@ -86,18 +86,18 @@ def step_token_ids(step_ends_NxK: jax.Array, num_steps_N: jax.Array, R: int, fir
   released code skips the first three response tokens (the opening `<think>` tag) in step 0. Tokens after
   the last step end (`</think><answer>...`) belong to no step.
   """
-  K = step_ends_NxK.shape[1]
-  valid_NxK = _valid_steps(num_steps_N, K)
-  ends_NxK = jnp.where(valid_NxK, step_ends_NxK, -1)
+  K = step_ends_NxY.shape[1]
+  valid_NxY = _valid_steps(num_steps_N, K)
+  ends_NxY = jnp.where(valid_NxY, step_ends_NxY, -1)
   t_R = jnp.arange(R)
   # Step of token t = number of valid ends strictly before t (ends are increasing within a row).
-  before_NxR = jnp.sum((ends_NxK[:, None, :] < t_R[None, :, None]) & valid_NxK[:, None, :], axis=-1)
+  before_NxR = jnp.sum((ends_NxY[:, None, :] < t_R[None, :, None]) & valid_NxY[:, None, :], axis=-1)
   inside_NxR = (before_NxR < num_steps_N[:, None]) & ~((before_NxR == 0) & (t_R[None, :] < first_step_start))
   return jnp.where(inside_NxR, before_NxR, -1).astype(jnp.int32)
 
 
-def selective(rewards_N: jax.Array, group_size: int, mask_NxR: jax.Array, step_ends_NxK: jax.Array,
-              num_steps_N: jax.Array, verdicts_NxK: jax.Array, num_verdicts_N: jax.Array, *, half: bool = False,
+def selective(rewards_N: jax.Array, group_size: int, mask_NxR: jax.Array, step_ends_NxY: jax.Array,
+              num_steps_N: jax.Array, verdicts_NxY: jax.Array, num_verdicts_N: jax.Array, *, half: bool = False,
               min_steps: int = 4, max_steps: int = 20, first_step_start: int = 3, eps: float = EPS) -> jax.Array:
   """Selective advantage, f32[N, R] (0 off the mask).
 
@@ -112,24 +112,24 @@ def selective(rewards_N: jax.Array, group_size: int, mask_NxR: jax.Array, step_e
     rewards_N: gated outcome rewards (format x PRM-CoT final verdict), f32[N].
     group_size: G.
     mask_NxR: bool[N, R], True on response tokens.
-    step_ends_NxK, num_steps_N: policy step ends (token indices) and counts (module docstring).
-    verdicts_NxK, num_verdicts_N: PRM step verdicts (+1 / -1) and their counts.
+    step_ends_NxY, num_steps_N: policy step ends (token indices) and counts (module docstring).
+    verdicts_NxY, num_verdicts_N: PRM step verdicts (+1 / -1) and their counts.
   """
   R = mask_NxR.shape[1]
   has_verdicts_N = num_verdicts_N > 0
   bad_count_N = (num_steps_N < min_steps) | (num_steps_N > max_steps)
   rewards_N = jnp.where(has_verdicts_N & bad_count_N, 0.0, rewards_N.astype(F32))
   a_N = grpo(rewards_N, group_size, eps)
-  step_NxR = step_token_ids(step_ends_NxK, jnp.minimum(num_steps_N, num_verdicts_N), R, first_step_start)
-  verdict_NxR = jnp.take_along_axis(verdicts_NxK, jnp.maximum(step_NxR, 0), axis=1)
+  step_NxR = step_token_ids(step_ends_NxY, jnp.minimum(num_steps_N, num_verdicts_N), R, first_step_start)
+  verdict_NxR = jnp.take_along_axis(verdicts_NxY, jnp.maximum(step_NxR, 0), axis=1)
   misaligned_NxR = (step_NxR >= 0) & jnp.where(a_N[:, None] >= 0, verdict_NxR < 0, verdict_NxR > 0)
   factor = 0.5 if half else 0.0
   a_NxR = jnp.where(misaligned_NxR, factor * a_N[:, None], a_N[:, None])
   return jnp.where(mask_NxR, a_NxR, 0.0)
 
 
-def global_step(rewards_N: jax.Array, group_size: int, mask_NxR: jax.Array, step_ends_NxK: jax.Array,
-                num_steps_N: jax.Array, verdicts_NxK: jax.Array, num_verdicts_N: jax.Array, *, penalty: bool = True,
+def global_step(rewards_N: jax.Array, group_size: int, mask_NxR: jax.Array, step_ends_NxY: jax.Array,
+                num_steps_N: jax.Array, verdicts_NxY: jax.Array, num_verdicts_N: jax.Array, *, penalty: bool = True,
                 min_steps: int = 3, max_steps: int = 20, outcome_weight: float = 0.8, eps: float = EPS
                 ) -> jax.Array:
   """Global step reward, f32[N, R] = outcome_weight x A_outcome + (1 - outcome_weight) x A_step (0 off mask).
@@ -142,27 +142,27 @@ def global_step(rewards_N: jax.Array, group_size: int, mask_NxR: jax.Array, step
   of token t is the sum of r~ over step ends at or after t. A_outcome = `grpo(rewards_N)` on every token.
   """
   N, R = mask_NxR.shape
-  K = step_ends_NxK.shape[1]
-  valid_NxK = _valid_steps(num_steps_N, K)
-  c_NxK = jnp.where(_valid_steps(num_verdicts_N, K) & (verdicts_NxK > 0), 1.0, -1.0)
-  r_NxK = c_NxK / jnp.maximum(num_steps_N, 1)[:, None].astype(F32)
+  K = step_ends_NxY.shape[1]
+  valid_NxY = _valid_steps(num_steps_N, K)
+  c_NxY = jnp.where(_valid_steps(num_verdicts_N, K) & (verdicts_NxY > 0), 1.0, -1.0)
+  r_NxY = c_NxY / jnp.maximum(num_steps_N, 1)[:, None].astype(F32)
   if penalty:
     bad_N = (num_steps_N != num_verdicts_N) | (num_steps_N < min_steps) | (num_steps_N > max_steps)
-    r_NxK = jnp.where(bad_N[:, None], 0.0, r_NxK)
-  r_NxK = jnp.where(valid_NxK, r_NxK, 0.0)
+    r_NxY = jnp.where(bad_N[:, None], 0.0, r_NxY)
+  r_NxY = jnp.where(valid_NxY, r_NxY, 0.0)
   # Pooled statistics per group over the valid step rewards only.
-  v_GxSK = _groups(valid_NxK.astype(F32), group_size)
-  r_GxSK = _groups(r_NxK, group_size)
-  n_G = jnp.sum(v_GxSK, axis=1)
-  mean_G = jnp.sum(r_GxSK, axis=1) / jnp.maximum(n_G, 1.0)
-  var_G = jnp.sum(v_GxSK * (r_GxSK - mean_G[:, None]) ** 2, axis=1) / jnp.maximum(n_G - 1.0, 1.0)
-  mean_G = jnp.where(n_G > 1, mean_G, 0.0)
-  std_G = jnp.where(n_G > 1, jnp.sqrt(var_G), 1.0)
-  mean_N, std_N = jnp.repeat(mean_G, group_size), jnp.repeat(std_G, group_size)
-  rn_NxK = jnp.where(valid_NxK, (r_NxK - mean_N[:, None]) / (std_N[:, None] + eps), 0.0)
+  v_BxAY = _groups(valid_NxY.astype(F32), group_size)
+  r_BxAY = _groups(r_NxY, group_size)
+  n_B = jnp.sum(v_BxAY, axis=1)
+  mean_B = jnp.sum(r_BxAY, axis=1) / jnp.maximum(n_B, 1.0)
+  var_B = jnp.sum(v_BxAY * (r_BxAY - mean_B[:, None]) ** 2, axis=1) / jnp.maximum(n_B - 1.0, 1.0)
+  mean_B = jnp.where(n_B > 1, mean_B, 0.0)
+  std_B = jnp.where(n_B > 1, jnp.sqrt(var_B), 1.0)
+  mean_N, std_N = jnp.repeat(mean_B, group_size), jnp.repeat(std_B, group_size)
+  rn_NxY = jnp.where(valid_NxY, (r_NxY - mean_N[:, None]) / (std_N[:, None] + eps), 0.0)
   # Scatter each normalised step reward to its end token, then sum from the end backwards.
-  ends_NxK = jnp.clip(step_ends_NxK, 0, R - 1)
-  placed_NxR = jnp.zeros((N, R), F32).at[jnp.arange(N)[:, None], ends_NxK].add(rn_NxK)
+  ends_NxY = jnp.clip(step_ends_NxY, 0, R - 1)
+  placed_NxR = jnp.zeros((N, R), F32).at[jnp.arange(N)[:, None], ends_NxY].add(rn_NxY)
   step_adv_NxR = jnp.flip(jnp.cumsum(jnp.flip(placed_NxR, axis=1), axis=1), axis=1)
   a_NxR = outcome_weight * grpo(rewards_N, group_size, eps)[:, None] + (1.0 - outcome_weight) * step_adv_NxR
   return jnp.where(mask_NxR, a_NxR, 0.0)

@@ -165,10 +165,10 @@ STEP_MACHINE = ByteMachine("steps", (_STEP_SEARCH.start, _OUT), _steps_step, lam
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class StepResult:
-  """ends_NxK: int32, token index holding the last byte of policy step j (j < min(count_N, K)), -1 after.
+  """ends_NxY: int32, token index holding the last byte of policy step j (j < min(count_N, K)), -1 after.
   count_N: int32, number of steps (not capped at K)."""
 
-  ends_NxK: jax.Array
+  ends_NxY: jax.Array
   count_N: jax.Array
 
 
@@ -199,7 +199,7 @@ def run_step_ends(automaton: TokenAutomaton, tokens_NxT: jax.Array, lengths_N: j
   end_pos = _last_text_token(automaton, tokens_NxT, lengths_N)
   (_, _, ends, _, n_steps, _), _, _, _ = scan(automaton, tokens_NxT, lengths_N,
                                               (zeros - 1, zeros - 1, ends0, zeros, zeros, end_pos), apply)
-  return StepResult(ends_NxK=ends, count_N=n_steps)
+  return StepResult(ends_NxY=ends, count_N=n_steps)
 
 
 def _last_text_token(automaton: TokenAutomaton, tokens_NxT, lengths_N):
@@ -369,13 +369,13 @@ class VerdictTables:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class VerdictResult:
-  """final_N: int32, 1 Yes / 0 No / -1 none (also for unsupported rows). steps_NxK: int32 step verdicts in
+  """final_N: int32, 1 Yes / 0 No / -1 none (also for unsupported rows). steps_NxY: int32 step verdicts in
   order, +1 correct / -1 incorrect, 0 past num_steps_N (or K). num_steps_N / correct_N / incorrect_N:
   int32 counts (not capped at K). unsupported_N: bool: a second `</think>`, or a `<think>` that never
   closes (module docstring); such rows get no verdicts."""
 
   final_N: jax.Array
-  steps_NxK: jax.Array
+  steps_NxY: jax.Array
   num_steps_N: jax.Array
   correct_N: jax.Array
   incorrect_N: jax.Array
@@ -447,5 +447,5 @@ def run_verdicts(tables: VerdictTables, tokens_NxT: jax.Array, lengths_N: jax.Ar
                                          apply_marks)
   keep = ~unsupported
   n, n_correct = jnp.where(keep, n, 0), jnp.where(keep, n_correct, 0)
-  return VerdictResult(final_N=final.astype(jnp.int32), steps_NxK=jnp.where(keep[:, None], buf, 0),
+  return VerdictResult(final_N=final.astype(jnp.int32), steps_NxY=jnp.where(keep[:, None], buf, 0),
                        num_steps_N=n, correct_N=n_correct, incorrect_N=n - n_correct, unsupported_N=unsupported)

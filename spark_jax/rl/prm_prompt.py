@@ -105,7 +105,7 @@ def pack(template: PromptTemplate, problem_tokens_BxQ: jax.Array, problem_length
     pad_id: the id written in the left padding (masked by length downstream).
 
   Returns:
-    (prompt_tokens_NxL, prompt_lengths_N), L = |head| + Q + |mid| + R + |tail|; row i's prompt occupies its
+    (prompt_tokens_NxU, prompt_lengths_N), L = |head| + Q + |mid| + R + |tail|; row i's prompt occupies its
     last prompt_lengths_N[i] positions.
   """
   B, Q = problem_tokens_BxQ.shape
@@ -118,7 +118,7 @@ def pack(template: PromptTemplate, problem_tokens_BxQ: jax.Array, problem_length
   c_N = jnp.clip(cut_N.astype(jnp.int32), 0, R)
   n_N = H + q_N + M + c_N + T
   problems_NxQ = jnp.repeat(problem_tokens_BxQ.astype(jnp.int32), group_size, axis=0)
-  p_NxL = jnp.arange(L)[None, :] - (L - n_N)[:, None]  # position inside the row's prompt
+  p_NxU = jnp.arange(L)[None, :] - (L - n_N)[:, None]  # position inside the row's prompt
   b1, b2, b3, b4 = H, H + q_N[:, None], H + q_N[:, None] + M, H + q_N[:, None] + M + c_N[:, None]
 
   def take(vec, idx):
@@ -127,9 +127,9 @@ def pack(template: PromptTemplate, problem_tokens_BxQ: jax.Array, problem_length
   def take_rows(mat, idx):
     return jnp.take_along_axis(mat, jnp.clip(idx, 0, mat.shape[1] - 1), axis=1) if mat.shape[1] else jnp.zeros_like(idx)
 
-  out = jnp.where(p_NxL < b1, take(template.head, p_NxL),
-        jnp.where(p_NxL < b2, take_rows(problems_NxQ, p_NxL - b1),
-        jnp.where(p_NxL < b3, take(template.mid, p_NxL - b2),
-        jnp.where(p_NxL < b4, take_rows(response_tokens_NxR.astype(jnp.int32), p_NxL - b3),
-                  take(template.tail, p_NxL - b4)))))
-  return jnp.where(p_NxL >= 0, out, pad_id).astype(jnp.int32), n_N
+  out = jnp.where(p_NxU < b1, take(template.head, p_NxU),
+        jnp.where(p_NxU < b2, take_rows(problems_NxQ, p_NxU - b1),
+        jnp.where(p_NxU < b3, take(template.mid, p_NxU - b2),
+        jnp.where(p_NxU < b4, take_rows(response_tokens_NxR.astype(jnp.int32), p_NxU - b3),
+                  take(template.tail, p_NxU - b4)))))
+  return jnp.where(p_NxU >= 0, out, pad_id).astype(jnp.int32), n_N

@@ -46,14 +46,14 @@ def make_reward_tables(tokenizer, settings: RolloutSettings, prm_tokenizer, voca
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _Steps:  # the fields of automata.StepResult / VerdictResult the advantage functions read
-  ends_NxK: Any = None
+  ends_NxY: Any = None
   count_N: Any = None
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class _Verdicts:
-  steps_NxK: Any = None
+  steps_NxY: Any = None
   num_steps_N: Any = None
 
 
@@ -241,9 +241,9 @@ def dynamic_sampling(roll: RolloutOutput, pt, pl, group_size: int,
   rounds_out = [(roll, np.asarray(pt), np.asarray(pl))]
   rounds = 0
   while True:
-    r_BxG = np.asarray(rounds_out[-1][0].rewards_N).reshape(-1, G)
-    for b in range(r_BxG.shape[0]):
-      (spare if np.all(r_BxG[b] == r_BxG[b, 0]) else kept).append((rounds, b))
+    r_BxA = np.asarray(rounds_out[-1][0].rewards_N).reshape(-1, G)
+    for b in range(r_BxA.shape[0]):
+      (spare if np.all(r_BxA[b] == r_BxA[b, 0]) else kept).append((rounds, b))
     if len(kept) >= B or rounds >= max_rounds:
       break
     rounds += 1

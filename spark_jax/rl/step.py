@@ -169,10 +169,10 @@ def rollout(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tokens_B
   return jax.tree.map(_unblock, out)
 
 
-def prm_generate(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tokens_NxL, prompt_lengths_N,
+def prm_generate(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tokens_NxU, prompt_lengths_N,
                  active_N) -> core.CoreOutput:
   """Greedy PRM outputs for every row, `prm_chunk` rows per block; inactive rows start done (no tokens)."""
-  N = prompt_tokens_NxL.shape[0]
+  N = prompt_tokens_NxU.shape[0]
   nb = _num_blocks(N, settings.prm_chunk, "prm_chunk")
   sampling = settings.prm_sampling
   keys_N = jax.random.split(jax.random.PRNGKey(0), N)  # greedy: the keys are never drawn from
@@ -182,8 +182,8 @@ def prm_generate(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tok
     return core.generate_core(cfg, params, toks, lens, keys, sampling, row_active_N=active)
 
   if nb == 1:
-    return block((prompt_tokens_NxL, prompt_lengths_N, keys_N, active_N))
-  out = jax.lax.map(block, tuple(_blocks(x, nb) for x in (prompt_tokens_NxL, prompt_lengths_N, keys_N, active_N)))
+    return block((prompt_tokens_NxU, prompt_lengths_N, keys_N, active_N))
+  out = jax.lax.map(block, tuple(_blocks(x, nb) for x in (prompt_tokens_NxU, prompt_lengths_N, keys_N, active_N)))
   return jax.tree.map(_unblock, out)
 
 
@@ -243,11 +243,11 @@ def advantages(settings: RolloutSettings, rewards_N, response_lengths_N, R: int,
   mask_NxR = _response_mask(response_lengths_N, R)
   t = settings.reward_type
   if t in ("selective_advantage", "selective_advantage_half"):
-    a_NxR = adv_lib.selective(rewards_N, G, mask_NxR, steps.ends_NxK, steps.count_N, verdicts.steps_NxK,
+    a_NxR = adv_lib.selective(rewards_N, G, mask_NxR, steps.ends_NxY, steps.count_N, verdicts.steps_NxY,
                               verdicts.num_steps_N, half=(t == "selective_advantage_half"),
                               min_steps=settings.min_steps_selective, max_steps=settings.max_steps)
   elif t in ("global_step", "global_step_no_penalty"):
-    a_NxR = adv_lib.global_step(rewards_N, G, mask_NxR, steps.ends_NxK, steps.count_N, verdicts.steps_NxK,
+    a_NxR = adv_lib.global_step(rewards_N, G, mask_NxR, steps.ends_NxY, steps.count_N, verdicts.steps_NxY,
                                 verdicts.num_steps_N, penalty=(t == "global_step"),
                                 min_steps=settings.min_steps_global, max_steps=settings.max_steps)
   else:
@@ -257,9 +257,9 @@ def advantages(settings: RolloutSettings, rewards_N, response_lengths_N, R: int,
 
 
 def _group_stats(rewards_N, G: int):
-  r_BxG = rewards_N.reshape(-1, G)
+  r_BxA = rewards_N.reshape(-1, G)
   return {"reward_mean": jnp.mean(rewards_N), "reward_std": jnp.std(rewards_N),
-          "zero_variance_groups": jnp.mean(jnp.all(r_BxG == r_BxG[:, :1], axis=1).astype(F32))}
+          "zero_variance_groups": jnp.mean(jnp.all(r_BxA == r_BxA[:, :1], axis=1).astype(F32))}
 
 
 def _correlation(x_N, y_N):
@@ -302,11 +302,11 @@ def rollout_and_reward(policy_cfg: ModelConfig, prm_cfg: ModelConfig | None, set
   verdicts = None
   if settings.prm_format is not None:
     from spark_jax.rl import prm_prompt
-    prm_tokens_NxL, prm_lengths_N = prm_prompt.pack(
+    prm_tokens_NxU, prm_lengths_N = prm_prompt.pack(
         tables.prm_template, problem_tokens_BxQ, problem_lengths_B, out.tokens_NxM, gate.cut_N,
         settings.group_size)
     active_N = jnp.ones_like(ok_N) if settings.prm_all_rows else ok_N
-    prm_out = prm_generate(prm_cfg, settings, prm_params, prm_tokens_NxL, prm_lengths_N, active_N)
+    prm_out = prm_generate(prm_cfg, settings, prm_params, prm_tokens_NxU, prm_lengths_N, active_N)
     verdicts = automata.run_verdicts(tables.verdicts, prm_out.tokens_NxM, prm_out.lengths_N)
     queried = active_N.astype(F32)
     nq = jnp.maximum(jnp.sum(queried), 1.0)

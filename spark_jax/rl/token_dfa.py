@@ -5,7 +5,7 @@ character-class patterns come from the tiny regex-to-NFA builder here, `Searcher
 enumerates its reachable states and minimises them; `compile_tokens` runs every token's bytes from every
 state, giving
 
-    next_VxS[token, state] -> state        code_VxS[token, state] -> the ops the token's bytes emit, in order
+    next_VxZ[token, state] -> state        code_VxZ[token, state] -> the ops the token's bytes emit, in order
 
 and `scan` runs that table over right-padded token rows: linear in tokens and exact under any split of the
 text into tokens. Special tokens spell nothing (identity rows); padding is masked by length, never by id.
@@ -218,15 +218,15 @@ class ByteMachine:
 class ByteDfa:
   """A ByteMachine enumerated and minimised: S states, state 0 the start."""
 
-  trans_Sx256: np.ndarray  # int32
-  ops_Sx256: np.ndarray  # int32 index into op_seqs
-  eot_ops_S: np.ndarray  # int32 index into op_seqs
-  outputs_SxO: np.ndarray  # int32: outputs of eot(state)
+  trans_Zx256: np.ndarray  # int32
+  ops_Zx256: np.ndarray  # int32 index into op_seqs
+  eot_ops_Z: np.ndarray  # int32 index into op_seqs
+  outputs_ZxO: np.ndarray  # int32: outputs of eot(state)
   op_seqs: tuple[tuple[int, ...], ...]
 
   @property
   def num_states(self) -> int:
-    return self.trans_Sx256.shape[0]
+    return self.trans_Zx256.shape[0]
 
 
 def _intern(table: dict, key) -> int:
@@ -293,18 +293,18 @@ def _minimise(trans, ops, eot_ops, outs, op_seqs) -> ByteDfa:
 class TokenAutomaton:
   """A ByteDfa lifted to tokens (device arrays; a pytree, so it can be a jit argument).
 
-  next_VxS: int16/int32 next state. code_VxSxW: int32 packed ops: op j (0-based, in emission order) in word
+  next_VxZ: int16/int32 next state. code_VxZxW: int32 packed ops: op j (0-based, in emission order) in word
   j // 5, bits [6 (j % 5), 6 (j % 5) + 6), as `op_id << 2 | on_last_byte << 1 | on_first_byte` (0 = no op);
   W words, as many as the busiest token needs.
-  eot_code_SxW: the ops of the EOT step (both flags clear). outputs_SxO: per-row results of the
+  eot_code_ZxW: the ops of the EOT step (both flags clear). outputs_ZxO: per-row results of the
   state after EOT. nonempty_V: the token spells at least one byte. newline_V: the token spells exactly "\\n".
   max_ops: the most ops any single lookup emits (static: the scan unrolls that many).
   """
 
-  next_VxS: jax.Array
-  code_VxSxW: jax.Array
-  eot_code_SxW: jax.Array
-  outputs_SxO: jax.Array
+  next_VxZ: jax.Array
+  code_VxZxW: jax.Array
+  eot_code_ZxW: jax.Array
+  outputs_ZxO: jax.Array
   nonempty_V: jax.Array
   newline_V: jax.Array
   max_ops: int = dataclasses.field(metadata=dict(static=True), default=0)
@@ -340,8 +340,8 @@ def compile_tokens(dfa: ByteDfa, token_bytes: Sequence[bytes], special_ids: Sequ
     seq_ops[k, :len(q)] = q
   collapsible = np.zeros(16, bool)
   collapsible[list(machine.collapse)] = True
-  next_SxV = np.tile(np.arange(S, dtype=np.int32)[:, None], (1, V))
-  code_SxV = np.zeros((S, V), np.int64)
+  next_ZxV = np.tile(np.arange(S, dtype=np.int32)[:, None], (1, V))
+  code_ZxV = np.zeros((S, V), np.int64)
   lengths = np.asarray([0 if i in special else len(b) for i, b in enumerate(token_bytes)])
   by_len: dict[int, list[int]] = {}
   for i, n in enumerate(lengths):
@@ -358,7 +358,7 @@ def compile_tokens(dfa: ByteDfa, token_bytes: Sequence[bytes], special_ids: Sequ
       count = np.zeros((S, len(idx)), np.int64)
       last_op = np.zeros((S, len(idx)), np.int64)
       for j in range(n):
-        k = dfa.ops_Sx256[state, data[None, :, j]]
+        k = dfa.ops_Zx256[state, data[None, :, j]]
         for p in range(width):
           op = seq_ops[k, p]
           valid = op > 0
@@ -370,16 +370,16 @@ def compile_tokens(dfa: ByteDfa, token_bytes: Sequence[bytes], special_ids: Sequ
           code = np.where(valid, (code & ~(mask6 << (_OP_BITS * slot))) | (field << (_OP_BITS * slot)), code)
           count = count + (valid & ~merge)
           last_op = np.where(valid, op, last_op)
-        state = dfa.trans_Sx256[state, data[None, :, j]]
+        state = dfa.trans_Zx256[state, data[None, :, j]]
       if count.max(initial=0) > _MAX_OPS:
         bad = idx[int(np.argmax(count.max(axis=0)))]
         raise ValueError(f"automaton {machine.name!r}: token {bad} ({token_bytes[bad]!r}) emits more than "
                          f"{_MAX_OPS} ops from one state; mark repeatable ops in `collapse` or raise _MAX_OPS.")
-      next_SxV[:, idx] = state
-      code_SxV[:, idx] = code
+      next_ZxV[:, idx] = state
+      code_ZxV[:, idx] = code
       max_ops = max(max_ops, int(count.max(initial=0)))
   eot_code = np.zeros(S, np.int64)
-  for st, k in enumerate(dfa.eot_ops_S):
+  for st, k in enumerate(dfa.eot_ops_Z):
     q = dfa.op_seqs[k]
     if len(q) > _MAX_OPS:
       raise ValueError(f"automaton {machine.name!r} emits {len(q)} ops at the end of the text; at most {_MAX_OPS}.")
@@ -391,9 +391,9 @@ def compile_tokens(dfa: ByteDfa, token_bytes: Sequence[bytes], special_ids: Sequ
   words = lambda c: np.stack([(c >> (_OP_BITS * _OPS_PER_WORD * w)) & word_mask for w in range(W)], -1)  # noqa: E731
   state_dtype = jnp.int16 if S < 2 ** 15 else jnp.int32
   return TokenAutomaton(
-      next_VxS=jnp.asarray(next_SxV.T, state_dtype), code_VxSxW=jnp.asarray(words(code_SxV.T).astype(np.int32)),
-      eot_code_SxW=jnp.asarray(words(eot_code).astype(np.int32)),
-      outputs_SxO=jnp.asarray(dfa.outputs_SxO), nonempty_V=jnp.asarray(lengths > 0),
+      next_VxZ=jnp.asarray(next_ZxV.T, state_dtype), code_VxZxW=jnp.asarray(words(code_ZxV.T).astype(np.int32)),
+      eot_code_ZxW=jnp.asarray(words(eot_code).astype(np.int32)),
+      outputs_ZxO=jnp.asarray(dfa.outputs_ZxO), nonempty_V=jnp.asarray(lengths > 0),
       newline_V=jnp.asarray([i not in special and b == b"\n" for i, b in enumerate(token_bytes)]),
       max_ops=max_ops, output_names=machine.output_names, op_names=machine.op_names)
 
@@ -419,7 +419,7 @@ def scan(automaton: TokenAutomaton, tokens_NxT: jax.Array, lengths_N: jax.Array,
   token before t that spells something (-1 if none).
   """
   N, T = tokens_NxT.shape
-  state0 = jnp.zeros((N,), automaton.next_VxS.dtype)
+  state0 = jnp.zeros((N,), automaton.next_VxZ.dtype)
   last0 = jnp.full((N,), -1, jnp.int32)
 
   def body(c, xs):
@@ -427,11 +427,11 @@ def scan(automaton: TokenAutomaton, tokens_NxT: jax.Array, lengths_N: jax.Array,
     t, tok_N = xs
     active = t < lengths_N
     tok_N = jnp.where(active, tok_N, 0)
-    code = jnp.where(active[:, None], automaton.code_VxSxW[tok_N, state.astype(jnp.int32)], 0)
+    code = jnp.where(active[:, None], automaton.code_VxZxW[tok_N, state.astype(jnp.int32)], 0)
     for j in range(automaton.max_ops):
       op, first, last, present = decode_op(code, j)
       user = apply_op(user, op, jnp.full((N,), t, jnp.int32), first, last, last_nonempty, present)
-    state = jnp.where(active, automaton.next_VxS[tok_N, state.astype(jnp.int32)], state)
+    state = jnp.where(active, automaton.next_VxZ[tok_N, state.astype(jnp.int32)], state)
     grows = active & automaton.nonempty_V[tok_N]
     prev_nonempty = jnp.where(grows, last_nonempty, prev_nonempty)
     last_nonempty = jnp.where(grows, t, last_nonempty)
@@ -439,7 +439,7 @@ def scan(automaton: TokenAutomaton, tokens_NxT: jax.Array, lengths_N: jax.Array,
 
   (state, last_nonempty, prev_nonempty, user), _ = jax.lax.scan(
       body, (state0, last0, last0, init), (jnp.arange(T, dtype=jnp.int32), tokens_NxT.T.astype(jnp.int32)))
-  code = automaton.eot_code_SxW[state.astype(jnp.int32)]
+  code = automaton.eot_code_ZxW[state.astype(jnp.int32)]
   for j in range(automaton.max_ops):
     op, first, last, present = decode_op(code, j)
     user = apply_op(user, op, jnp.full((N,), -1, jnp.int32), first, last, last_nonempty, present)
@@ -448,11 +448,11 @@ def scan(automaton: TokenAutomaton, tokens_NxT: jax.Array, lengths_N: jax.Array,
 
 def outputs(automaton: TokenAutomaton, state_N, name: str):
   """The machine output `name` of each row's final state."""
-  return automaton.outputs_SxO[state_N, automaton.output_names.index(name)]
+  return automaton.outputs_ZxO[state_N, automaton.output_names.index(name)]
 
 
-def append(buf_NxK, count_N, value_N, where_N):
+def append(buf_NxY, count_N, value_N, where_N):
   """Writes value at position count (when it fits) and bumps count, where `where_N`."""
-  K = buf_NxK.shape[1]
-  hit_NxK = where_N[:, None] & (jnp.arange(K)[None, :] == count_N[:, None])
-  return jnp.where(hit_NxK, value_N[:, None], buf_NxK), count_N + where_N.astype(count_N.dtype)
+  K = buf_NxY.shape[1]
+  hit_NxY = where_N[:, None] & (jnp.arange(K)[None, :] == count_N[:, None])
+  return jnp.where(hit_NxY, value_N[:, None], buf_NxY), count_N + where_N.astype(count_N.dtype)
