@@ -36,6 +36,7 @@ def rl_config() -> ConfigDict:
   mini_batches / ppo_epochs     optimizer steps per rollout batch = mini_batches x ppo_epochs (D10: 1 x 1).
   use_sampler_logprobs          pi_old = the sampler's log-probs instead of the trainer's recomputation.
   dynamic_sampling / max_sampling_rounds   DAPO's filter of zero-variance groups, refill rounds.
+  eval_temperature / eval_samples   validation decoding: greedy pass@1 (0 / 1, D11) or avg@k at a temperature.
   num_steps, eval_every, eval_prompts, eval_max_response, checkpoint_every, keep_checkpoints, log_every,
   export_dir ("" = workdir/export, "none" = no export), progress_bar.
   resume                        "auto" | "force" (resume a checkpoint written with other settings).
@@ -81,6 +82,8 @@ def rl_config() -> ConfigDict:
   c.eval_every = 10
   c.eval_prompts = 0
   c.eval_max_response = 0
+  c.eval_temperature = 0.0
+  c.eval_samples = 1
   c.checkpoint_every = 50
   c.keep_checkpoints = 2
   c.resume = "auto"
@@ -118,14 +121,11 @@ def world_config(config, quick: bool = False):
   `python -m spark_jax.main --config=configs/demo.py` first). `world_quick`: the quick demo's bootstrap models
   (the ones the test suite's `world` fixture trains and caches) and their Stage II PRM-CoT
   (spark_jax/world/demo.py `world_prm`, the suite's `world_prm` fixture: trained on first use, then cached).
-
-  RL prompts are fresh world problems (`spark_jax.world.task`), written once next to the run with their
-  answers; validation problems come from another seed (held out from the RL prompts).
   """
   import json
   import os
   from configs import demo as demo_config
-  from spark_jax.world import bootstrap, demo, task
+  from spark_jax.world import bootstrap, demo
   world = demo_config.get_config()
   if quick:
     world.quick = True
@@ -148,15 +148,37 @@ def world_config(config, quick: bool = False):
     with open(stage2) as f:
       prm_dir = json.load(f)["runs"]["step_consistency/prm_cot"]["export_dir"]
   config.workdir = "runs/rl_world_quick" if quick else "runs/rl_world"
-  tc = bootstrap.task_config(world)
   data_dir = os.path.abspath(os.path.join("runs", "rl_world_data", bootstrap.fingerprint(world)))
+  train, val = world_problems(world, data_dir)
+  world_settings(config, policy_dir=os.path.join(boot, "generator", "export"), prm_dir=prm_dir, train=train,
+                 val=val)
+
+
+def world_problems(world, data_dir: str, train_problems: int = 512, val_problems: int = 256) -> tuple[str, str]:
+  """RL prompts for the world (demo config `world`): fresh problems written once under `data_dir` with their
+  answers, and validation problems from another seed (held out from the RL prompts); their two paths."""
+  import os
+  from spark_jax.world import bootstrap, task
+  tc = bootstrap.task_config(world)
   train, val = os.path.join(data_dir, "problems.jsonl"), os.path.join(data_dir, "val.jsonl")
   if not os.path.exists(val):
     os.makedirs(data_dir, exist_ok=True)
-    task.write_problems(train, task.make_problems(12345, 512, tc, prefix="rl"))
-    task.write_problems(val, task.make_problems(54321, 256, tc, prefix="val"))
-  config.policy = common.model(os.path.join(boot, "generator", "export"), init="pretrained", dtype="float32")
-  config.prm = common.model(prm_dir, init="pretrained", dtype="float32")
+    task.write_problems(train, task.make_problems(12345, train_problems, tc, prefix="rl"))
+    task.write_problems(val, task.make_problems(54321, val_problems, tc, prefix="val"))
+  return train, val
+
+
+def world_settings(config, *, policy_dir: str, prm_dir: str | None, train: str, val: str):
+  """The world's RL sizes on an `rl_config()` (CPU, minutes): the policy and PRM checkpoints, the prompt
+  files, and the budgets a world solution (<= 4 steps, ~60 tokens) and its PRM-CoT verification need.
+
+  Validation is avg@4 at temperature 1 (`eval_temperature`, `eval_samples`): the world's generator is
+  trained on solutions with injected errors, so it samples them at the training rate while its greedy
+  answer is already right; GRPO's gain is the errors it stops sampling.
+  """
+  config.policy = common.model(policy_dir, init="pretrained", dtype="float32")
+  if prm_dir:
+    config.prm = common.model(prm_dir, init="pretrained", dtype="float32")
   config.data.train = train
   config.data.val = val
   config.data.template = "generator"
@@ -166,10 +188,12 @@ def world_config(config, quick: bool = False):
   config.max_prompt_tokens = 256
   config.max_response = 96
   config.reward.prm_max_new_tokens = 160
-  config.lr = 1e-5
+  config.lr = 1e-4
   config.beta = 0.0
   config.num_steps = 30
   config.eval_every = 5
-  config.eval_prompts = 256
+  config.eval_prompts = 128
+  config.eval_temperature = 1.0
+  config.eval_samples = 4
   config.checkpoint_every = 10
   config.export_dir = "none"

@@ -65,6 +65,25 @@ def cache_dir(*parts: str) -> str:
   return os.path.join(root, *parts)
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+  """An exclusive advisory lock on `path` (created if missing) for the duration of the block.
+
+  For work shared through a machine-local cache (the world's bootstrap models): two processes (pytest-xdist
+  workers, grid workers on one machine) that need the same entry take turns instead of training it twice
+  into one folder. `flock` is released by the kernel when a holder dies, so a killed run leaves no stale lock.
+  """
+  import fcntl
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 # ------------------------------------------------------------------------------------------------ records
 
 

@@ -152,9 +152,13 @@ def _grade(responses: list[str], golds: list[Any]) -> np.ndarray:
 
 
 class Evaluator:
-  """Greedy answers to the validation prompts, graded with math_verify: accuracy and format-valid share.
+  """The policy's answers to the validation prompts, graded with math_verify: accuracy, format-valid share and
+  response length. Greedy pass@1 by default; with `eval_temperature > 0`, `eval_samples` draws per prompt at
+  that temperature and the mean accuracy over them (avg@k, D11): the quantity GRPO itself raises, which a
+  policy already right under greedy decoding still has room to improve.
 
-  Uses the sampling engine with the current params per call (same shapes: no recompilation)."""
+  Uses the sampling engine with the current params per call (same shapes: no recompilation); the draws use a
+  fixed seed, so successive evaluations differ only by the parameters."""
 
   def __init__(self, config, pcfg, params, tokenizer, mesh):
     from spark_jax.sampling import core
@@ -166,21 +170,29 @@ class Evaluator:
                                             max_prompt_tokens=int(config.max_prompt_tokens))
     self.golds = [p.ground_truth for p in prompts]
     self.tokenizer = tokenizer
+    temperature, k = float(config.eval_temperature), int(config.eval_samples)
+    if k < 1 or (temperature == 0.0 and k != 1):
+      raise ValueError(f"eval_samples={k} with eval_temperature={temperature}: greedy evaluation takes one sample "
+                       "per prompt; sampled evaluation (temperature > 0) takes eval_samples >= 1.")
+    self.seed = int(config.seed) + 7919
     self.settings = core.SamplingParams(max_new_tokens=int(config.eval_max_response or config.max_response),
-                                        temperature=0.0, stop_token_ids=tuple(tokenizer.end_of_turn_ids))
+                                        temperature=temperature, num_samples=k,
+                                        stop_token_ids=tuple(tokenizer.end_of_turn_ids))
     self.engine = SamplingEngine(pcfg, params, mesh=mesh, progress=False)
 
   def __call__(self, params) -> dict[str, float]:
     from spark_jax.rl import rewards as rewards_lib
-    samples = self.engine.generate(self.ids, self.settings, params=params)
-    texts = [self.tokenizer.decode(s[0].tokens, skip_special_tokens=True) for s in samples]
-    return {"accuracy": float(np.mean(_grade(texts, self.golds))),
+    samples = self.engine.generate(self.ids, self.settings, params=params, seed=self.seed)
+    texts = [self.tokenizer.decode(s.tokens, skip_special_tokens=True) for group in samples for s in group]
+    golds = [g for g, group in zip(self.golds, samples) for _ in group]
+    return {"accuracy": float(np.mean(_grade(texts, golds))),
             "format_ok": float(np.mean([rewards_lib.format_ok(t) for t in texts])),
-            "response_length": float(np.mean([len(s[0].tokens) for s in samples]))}
+            "response_length": float(np.mean([len(s.tokens) for group in samples for s in group]))}
 
 
 # Fields that leave the numbers alone: a checkpoint written under other values still resumes.
 NOT_RESULT = ("job", "workdir", "mesh", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_prompts",
+              "eval_temperature", "eval_samples",
               "export_dir", "progress_bar", "log_every", "num_steps", "resume", "debug_stop_after")
 
 

@@ -47,7 +47,7 @@ from spark_jax.world import task as task_lib
 from spark_jax.world import tokenizer as world_tokenizer
 
 
-_VERSION = 2  # 2: numbered operations, spaced step numbers, verifications restate the written steps
+_VERSION = 3  # 3: teacher graders recompute each step and follow the convention on their own judgments
 
 
 def fingerprint(config) -> str:
@@ -209,9 +209,11 @@ def run_bootstrap(config, workdir: str) -> dict:
 
   `config` is the demo config (sections `world` and `bootstrap`, `seed`, `mesh`, `max_batch_rows`).
   """
-  done = finished_summary(workdir)
-  if done is not None:
-    return done
+  with io.file_lock(workdir.rstrip("/") + ".lock"):  # one trainer per cache entry; others wait, then read it
+    return finished_summary(workdir) or _run_bootstrap(config, workdir)
+
+
+def _run_bootstrap(config, workdir: str) -> dict:
   start = time.time()
   b, tc = config.bootstrap, task_config(config)
   tok_dir = world_tokenizer.build_tokenizer(os.path.join(workdir, "tokenizer"))

@@ -7,6 +7,8 @@
   stage2        the SFT job (configs/sft_prm.py) per (variant, format), from the bootstrap verifier
   processbench  the unchanged processbench job on the world's held-out ProcessBench-style set, for every
                 trained PRM and two untrained baselines (random weights; the verifier before Stage II)
+  rl            the unchanged RL job (configs/rl.py, world settings) from the bootstrap generator, once per
+                reward type (`rl.rewards`: the PRM-CoT of the step-consistency data, RLVR, random)
 
 Every stage writes under workdir/<stage>/ and is skipped when its summary.json exists; the jobs inside are
 resumable themselves, so a rerun after a kill continues. `STAGES` is the ordered list; a later stage (RL)
@@ -203,6 +205,70 @@ def stage_processbench(config, results: dict) -> dict:
   return summary
 
 
+def rl_config(config, results: dict, reward: str) -> ConfigDict:
+  """configs/rl.py's `rl_config` with the world's settings (`world_settings`): the bootstrap generator as the
+  policy, the Stage II PRM-CoT trained on step-consistency labels as the reward model, `config.rl` sizes."""
+  from configs import rl as rl_configs
+  r = config.rl
+  prm = results["stage2"]["runs"].get("step_consistency/prm_cot", {}).get("export_dir")
+  train, val = rl_configs.world_problems(config, os.path.join(_stage_dir(config, "rl"), "data"),
+                                         val_problems=int(r.eval_prompts))
+  c = rl_configs.rl_config()
+  rl_configs.world_settings(c, policy_dir=results["bootstrap"]["generator_dir"], prm_dir=prm, train=train, val=val)
+  c.workdir = os.path.join(_stage_dir(config, "rl"), reward)
+  c.seed = config.seed
+  c.mesh = config.mesh
+  c.reward.type = reward
+  for key in ("num_steps", "prompts_per_step", "group_size", "lr", "eval_every", "eval_prompts", "eval_samples"):
+    c[key] = r[key]
+  c.checkpoint_every = r.eval_every
+  c.progress_bar = False
+  return c
+
+
+def _rl_curves(workdir: str) -> dict:
+  """From an RL run's metrics.jsonl: the evaluation curve and the per-step reward and hacking monitors."""
+  evals, train = {}, {}
+  for row in io.read_records(os.path.join(workdir, "metrics.jsonl"), on_error="raise"):
+    step = int(row["step"])
+    if "loss" in row:
+      train[step] = {k: row[k] for k in RL_MONITORS if k in row}
+    elif "accuracy" in row:
+      evals[step] = {k: row[k] for k in ("accuracy", "format_ok", "response_length")}
+  return {"eval": dict(sorted(evals.items())), "train": dict(sorted(train.items()))}
+
+
+RL_MONITORS = ("reward_mean", "format_violation", "text_after_answer", "steps_per_response",
+               "reward_step_correlation", "response_length", "prm_verdict_yes", "kl")
+
+
+def stage_rl(config, results: dict) -> dict:
+  """GRPO from the bootstrap generator, once per reward type in `config.rl.rewards`; curves for the report."""
+  from spark_jax import jobs
+  from spark_jax.rl import step as rl_step
+  runs = {}
+  has_prm = bool(results["stage2"]["runs"].get("step_consistency/prm_cot", {}).get("export_dir"))
+  for reward in _names(config.rl.rewards):
+    if rl_step.REWARD_FORMATS[reward] is not None and not has_prm:
+      runs[reward] = {"skipped": "Stage II trained no step_consistency/prm_cot PRM (see stage2/summary.json)"}
+      continue
+    c = rl_config(config, results, reward)
+    done = None
+    path = os.path.join(c.workdir, "summary.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        done = json.load(f)
+      if done.get("final_step") != int(c.num_steps):
+        done = None  # interrupted: jobs.run resumes it from its checkpoint
+    start = time.time()
+    summary = done or jobs.run(c)
+    runs[reward] = {"workdir": c.workdir, "seconds": round(summary.get("seconds", time.time() - start), 1),
+                    "eval_rows": int(c.eval_prompts) * int(c.eval_samples), **_rl_curves(c.workdir)}
+  summary = {"job": "rl_stage", "runs": runs}
+  io.write_summary(_stage_dir(config, "rl"), summary)
+  return summary
+
+
 Stage = Callable[[Any, dict], dict]
 STAGES: list[tuple[str, Stage]] = [
     ("bootstrap", stage_bootstrap),
@@ -210,6 +276,7 @@ STAGES: list[tuple[str, Stage]] = [
     ("labels", stage_labels),
     ("stage2", stage_stage2),
     ("processbench", stage_processbench),
+    ("rl", stage_rl),
 ]
 
 
@@ -253,8 +320,9 @@ def world_prm(config, bootstrap_summary: dict, variant: str = "step_consistency"
   config.workdir = os.path.join(root, f"stage2_{variant}-{fmt}")
   results = {"bootstrap": bootstrap_summary}
   stages = dict(STAGES)
-  for name in ("stage1", "stage2"):
-    results[name] = boot.finished_summary(_stage_dir(config, name)) or stages[name](config, results)
+  with io.file_lock(config.workdir + ".lock"):  # a shared cache entry: one process trains it, others wait
+    for name in ("stage1", "stage2"):
+      results[name] = boot.finished_summary(_stage_dir(config, name)) or stages[name](config, results)
   export_dir = results["stage2"]["runs"][f"{variant}/{fmt}"]["export_dir"]
   if not export_dir:
     raise RuntimeError(f"world_prm: Stage I kept too few {variant} rows to train a {fmt} PRM "

@@ -112,6 +112,50 @@ def _plot(path: str, labels: dict) -> str | None:
   return path
 
 
+def rl_gain(run: dict) -> dict | None:
+  """First and last validation accuracy of an RL run, their difference, and its standard error (two
+  independent binomial proportions over `eval_rows` graded answers each: an upper bound for the paired
+  difference on one validation set, so a gain above 2 SE cannot be sampling noise of the evaluation)."""
+  curve = run.get("eval") or {}
+  if len(curve) < 2:
+    return None
+  steps = sorted(curve, key=int)
+  first, last = curve[steps[0]]["accuracy"], curve[steps[-1]]["accuracy"]
+  n = max(int(run.get("eval_rows", 1)), 1)
+  se = ((first * (1 - first) + last * (1 - last)) / n) ** 0.5
+  return {"first": first, "last": last, "gain": last - first, "se": se, "steps": int(steps[-1])}
+
+
+def _plot_rl(path: str, runs: dict) -> str | None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return None
+  fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+  for reward, run in runs.items():
+    if "eval" not in run:
+      continue
+    ev = sorted((int(k), v) for k, v in run["eval"].items())
+    axes[0].plot([k for k, _ in ev], [v["accuracy"] for _, v in ev], marker="o", label=reward)
+    tr = sorted((int(k), v) for k, v in run["train"].items())
+    axes[1].plot([k for k, _ in tr], [v.get("reward_mean") for _, v in tr], label=reward)
+    axes[2].plot([k for k, _ in tr], [v.get("format_violation") for _, v in tr], label=f"{reward} format violation")
+    axes[2].plot([k for k, _ in tr], [v.get("text_after_answer") for _, v in tr], ls="--",
+                 label=f"{reward} text after answer")
+  for ax, title in zip(axes, ("validation accuracy (avg@k, T=1)", "training reward (mean)", "hacking monitors")):
+    ax.set_xlabel("RL step")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  axes[2].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def claims(results: dict) -> list[tuple[str, str, str]]:
   """(the paper's claim, what this world measured, held?) for the claims the stages so far can test."""
   out = []
@@ -134,6 +178,23 @@ def claims(results: dict) -> list[tuple[str, str, str]]:
       if single is not None:
         out.append((f"a PRM ({fmt}) trained on step-SC data beats one trained on single verifications (F1)",
                     f"{_f(f1)} vs {_f(single)}", "yes" if f1 is not None and f1 > single else "no"))
+  rl = results.get("rl")
+  if rl:
+    gains = {k: rl_gain(v) for k, v in rl["runs"].items()}
+    g = lambda k: gains.get(k)
+    if g("rlvr"):
+      r = g("rlvr")
+      out.append(("GRPO with the verifiable reward (RLVR) raises accuracy",
+                  f"{_pct(r['first'])} -> {_pct(r['last'])} (gain {_pct(r['gain'])} ± {_pct(r['se'])} SE)",
+                  "yes" if r["gain"] > 2 * r["se"] else "no"))
+    if g("prm_cot_outcome") and g("rlvr"):
+      p, r = g("prm_cot_outcome"), g("rlvr")
+      out.append(("the PRM-CoT reward (reference-free) >= RLVR (final validation accuracy)",
+                  f"{_pct(p['last'])} vs {_pct(r['last'])}", "yes" if p["last"] >= r["last"] else "no"))
+    if g("random"):
+      r = g("random")
+      out.append(("a random reward gives no gain", f"gain {_pct(r['gain'])} ± {_pct(r['se'])} SE",
+                  "yes" if r["gain"] <= 2 * r["se"] else "no"))
   return out
 
 
@@ -187,6 +248,27 @@ def write_report(workdir: str, config, results: dict, seconds: dict, wall_s: flo
     for name, s in pbr["scores"].items():
       lines.append(f"| {name} | {_f(s['f1'])} | {_f(s['acc_error'])} | {_f(s['acc_correct'])} | "
                    f"{s['n']} ({s['n_error']} / {s['n_correct']}) | {_f(s['parse_failure_rate'])}% |")
+    lines.append("")
+  rl = results.get("rl")
+  if rl:
+    lines += ["## Stage III: GRPO per reward type", "",
+              "Validation accuracy is avg@k at temperature 1 on held-out problems (percent); monitors are the "
+              "last step's.", "",
+              "| reward | first | last | gain ± SE | format violation | text after answer | reward~steps corr. | "
+              "PRM says Yes | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for reward, run in rl["runs"].items():
+      if "skipped" in run:
+        lines.append(f"| {reward} | skipped: {run['skipped']} | | | | | | | |")
+        continue
+      gain = rl_gain(run) or {}
+      last = run["train"][max(run["train"], key=int)] if run["train"] else {}
+      lines.append(f"| {reward} | {_pct(gain.get('first'))} | {_pct(gain.get('last'))} | "
+                   f"{_pct(gain.get('gain'))} ± {_pct(gain.get('se'))} | {_pct(last.get('format_violation'))} | "
+                   f"{_pct(last.get('text_after_answer'))} | {_f(last.get('reward_step_correlation'))} | "
+                   f"{_pct(last.get('prm_verdict_yes'))} | {_f(run.get('seconds'))} |")
+    plot = _plot_rl(os.path.join(workdir, "report_rl.png"), rl["runs"])
+    if plot:
+      lines += ["", f"![RL curves]({os.path.basename(plot)})"]
     lines.append("")
   rows = claims(results)
   if rows:

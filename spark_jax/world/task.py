@@ -226,31 +226,74 @@ def process_complete(problem: Problem, text: str) -> bool:
 # ------------------------------------------------------------------------------------------- verifications
 
 
-def render_verification(problem: Problem, solution_text: str, verdicts: Sequence[bool], final: bool) -> str:
+def render_verification(problem: Problem, solution_text: str, verdicts: Sequence[bool], final: bool,
+                        recomputed: Sequence[int | None] | None = None) -> str:
   """A teacher verification of `solution_text`: block k restates written step k (or says it is unreadable or
-  extra), then the marker of `verdicts[k]`; then the final line. Restating the step puts the computation to
-  check right before its verdict, so judging it is a local check, as when a careful grader rewrites each step."""
+  extra), then `; check a op b = r` with the grader's own result `recomputed[k]` when given, then the marker
+  of `verdicts[k]`; then the final line. Restating the step and recomputing it puts the two results to
+  compare right before the verdict, so judging a step is a local comparison, as when a careful grader redoes
+  each step."""
   written = parse_steps(solution_text)
   if len(verdicts) != len(written) or not written:
     raise ValueError(f"render_verification: {len(verdicts)} verdicts for {len(written)} written steps "
                      "(need one per step).")
+  if recomputed is not None and len(recomputed) != len(written):
+    raise ValueError(f"render_verification: {len(recomputed)} recomputed results for {len(written)} steps.")
   blocks = []
   for k, s in enumerate(written):
     title = "an extra step" if k >= len(problem.ops) else ("an unreadable step" if s is None else s.text().strip())
+    if recomputed is not None and recomputed[k] is not None and s is not None and k < len(problem.ops):
+      title += f"; check {s.a} {s.op} {s.b} = {recomputed[k]}"
     blocks.append(f"## Step {k + 1}: {title}\n{step_marker(verdicts[k])}")
   return "\n\n".join(blocks) + "\n\n" + final_verdict_line(final)
 
 
+def local_checks(problem: Problem, text: str) -> list[bool]:
+  """Per written step, the check a grader can do on that step alone: it is readable, it is one of the
+  problem's operations in order, it starts from the previous written result (the start value for step 1),
+  and its arithmetic is right. `step_truth` is the running AND of these (a wrong step makes every later
+  step wrong), up to one difference: a wrong result propagated correctly passes its own check."""
+  checks, prev = [], problem.start
+  for k, s in enumerate(parse_steps(text)):
+    ok = s is not None and k < len(problem.ops) and (s.op, s.b) == problem.ops[k] and s.a == prev \
+        and s.c == apply(s.op, s.a, s.b, problem.modulus)
+    checks.append(ok)
+    prev = s.c if s is not None else None
+  return checks
+
+
 def noisy_verification(problem: Problem, solution_text: str, rng: random.Random, step_accuracy: float) -> str | None:
-  """A verification whose step verdicts each equal the truth with probability `step_accuracy`, independently;
-  its final verdict follows its own steps (Yes iff all judged correct). None for a solution with no step."""
+  """A verification by a grader that redoes each step's arithmetic and miscalculates with probability
+  1 - `step_accuracy` (a uniformly drawn wrong result), independently per step. Its check of a step (the
+  rest of `local_checks`, with its own result in place of the true one) is therefore right with probability
+  at least `step_accuracy`; it follows the truth convention on its own checks: from the first step it judges
+  wrong, every step is incorrect, and the final verdict is Yes iff it judged every step correct. None for a
+  solution with no step.
+
+  Every verdict is a function of text the verifier writes or reads next to it (the restated step, its own
+  result, its earlier verdicts), so a small model can learn it, while the miscalculations keep the
+  verifications of one solution partly independent (a false alarm or a missed error moves the judged first
+  error): what self-consistency is meant to fix. With `step_accuracy=1` the verdicts are `step_truth`."""
   if not 0.0 <= step_accuracy <= 1.0:
     raise ValueError(f"step_accuracy={step_accuracy} is not a probability.")
-  truth = step_truth(problem, solution_text)
-  if not truth:
+  if not parse_steps(solution_text):
     return None
-  verdicts = [t if rng.random() < step_accuracy else not t for t in truth]
-  return render_verification(problem, solution_text, verdicts, all(verdicts))
+  verdicts, recomputed, ok, prev = [], [], True, problem.start
+  for k, s in enumerate(parse_steps(solution_text)):
+    if s is None or k >= len(problem.ops):
+      recomputed.append(None)
+      judged = False
+    else:
+      r = apply(s.op, s.a, s.b, problem.modulus)
+      if rng.random() >= step_accuracy:
+        r = rng.choice([v for v in range(problem.modulus) if v != r])
+      recomputed.append(r)
+      # the operation, the operand and the carried value are read off the text without error
+      judged = (s.op, s.b) == problem.ops[k] and s.a == prev and s.c == r
+    prev = s.c if s is not None else None
+    ok = ok and judged
+    verdicts.append(ok)
+  return render_verification(problem, solution_text, verdicts, all(verdicts), recomputed)
 
 
 def sample_solution(problem: Problem, rng: random.Random, error_rate: float) -> tuple[str, int]:
