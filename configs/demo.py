@@ -36,9 +36,15 @@ def get_config():
   config.bootstrap.train_problems = 4000
   config.bootstrap.eval_problems = 128  # held-out problems for the parse-rate / accuracy measurements
   config.bootstrap.generator_preset = "world-tiny"
-  config.bootstrap.verifier_preset = "world-tiny"
+  config.bootstrap.verifier_preset = "world-tiny"  # the architecture when verifier_init = "random"
+  # "generator": the verifier is fine-tuned from the trained generator, as a real verifier starts from an LLM
+  # that can already do the math (from random weights it learns the format and the verdict logic in 1,000
+  # steps but not the arithmetic of its recomputations: 50 % per-step verdict accuracy); "random": from scratch.
+  config.bootstrap.verifier_init = "generator"
   config.bootstrap.generator_error_rate = 0.4  # share of training solutions with an injected error
-  config.bootstrap.verifier_error_rate = 0.5  # share of erroneous solutions in the verifier's training rows
+  # P(a step of a verifier training solution writes a wrong result), independently per step (see
+  # world/task.py sample_step_error_solution: with one error per solution the verifier learns to copy).
+  config.bootstrap.verifier_step_error_rate = 0.25
   # The teacher grader redoes each step and miscalculates w.p. 1 - this (world/task.py noisy_verification);
   # from its first judged error on it marks every step incorrect, so a false alarm at step 1 of 4 condemns
   # all four: at 0.9 a correct step k is still judged correct by most graders (0.9^k > 1/2 for k <= 6).
@@ -80,11 +86,14 @@ def get_config():
                           "eval_prompts": 128, "eval_samples": 4})
 
   # --config.quick=True: these fields replace the ones above (CI: <= 3 minutes on 2 cores).
+  # The bootstrap is not reduced: the quick demo and the full one share its cache entry, and shorter SFT
+  # leaves the models on the plateau where they know the formats but not the arithmetic.
   config.quick_settings = ConfigDict({
-      "stage1": {"problems": 32, "num_verifications": 8, "n_grid": (1, 2, 4, 8), "reference_num_verifications": 4},
+      "stage1": {"problems": 32, "num_verifications": 16, "n_grid": (1, 4, 16), "reference_num_verifications": 4},
       "stage2": {"variants": ("step_consistency", "single"), "formats": ("prm_cot",),
                  "sft": _sft(num_steps=60, global_batch=32, lr=1e-3)},
       "processbench": {"cases": 64},
+      "rl": {"rewards": ("rlvr",)},
   })
   config.lock()
   return config

@@ -83,7 +83,7 @@ def world_n_x_aggregation():
       "aggregation": {a: {f"{q}stage2.variants": (f"{a}_consistency",), f"{q}stage2.formats": ("prm_cot",)}
                       for a in ("outcome", "step")},
   })
-  cells = with_overrides(cells, {"quick": True})
+  cells = with_overrides(cells, {"quick": True, f"{q}rl.rewards": ()})  # labels and PRMs only: no RL stage
   return grid_config("world_n_x_aggregation", "configs/demo.py", cells, _WORLD_METRICS, plot_x="N")
 
 

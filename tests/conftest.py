@@ -15,20 +15,43 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import pytest  # noqa: E402
 
 
+_QUICK_WORLD = """
+from configs import demo as demo_config
+from spark_jax.world import bootstrap, demo
+config = demo_config.get_config()
+config.quick = True
+config = demo.resolve(config)
+bootstrap.run_bootstrap(config, bootstrap.bootstrap_dir(config, ""))
+"""
+
+
 @pytest.fixture(scope="session")
 def world():
-  """The embedded world's tokenizer and bootstrap models (quick demo settings), trained once per test run.
+  """The embedded world's tokenizer and bootstrap models (quick demo settings), trained once per machine.
 
   Returns the bootstrap summary: tokenizer_dir, generator_dir, verifier_dir (HF checkpoint directories with
   the world tokenizer) and the measured parse rates / accuracies. The models are cached by a fingerprint of
-  their settings (spark_jax/world/bootstrap.py), so a second run on the same machine reuses them.
+  their settings (spark_jax/world/bootstrap.py), so a second run on the same machine reuses them, and a file
+  lock makes a second pytest-xdist worker wait for the first instead of training them again. Training runs
+  in a subprocess on one CPU device, as the demo's CLI does: the suite's 8 fake devices would split its
+  small batches eight ways on a 2-core machine.
   """
+  import json
+  import subprocess
+  import sys
   from configs import demo as demo_config
   from spark_jax.world import bootstrap, demo
   config = demo_config.get_config()
   config.quick = True
   config = demo.resolve(config)
-  return bootstrap.run_bootstrap(config, bootstrap.bootstrap_dir(config, ""))
+  root = bootstrap.bootstrap_dir(config, "")
+  if bootstrap.finished_summary(root) is None:
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _QUICK_WORLD], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"training the world's models failed:\n{result.stderr[-4000:]}"
+  with open(os.path.join(root, "summary.json")) as f:
+    return json.load(f)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,9 @@ def _main(args, env=None, **kw):
 
 
 def _problems(tmp_path, n=8, seed=77):
-  problems = task.make_problems(seed, n, prefix="cli")
+  from configs import demo
+  from spark_jax.world import bootstrap
+  problems = task.make_problems(seed, n, bootstrap.task_config(demo.get_config()), prefix="cli")
   return task.write_problems(str(tmp_path / "problems.jsonl"), problems), {p.problem_id: p for p in problems}
 
 

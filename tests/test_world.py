@@ -84,6 +84,15 @@ def test_verification_restates_each_written_step_before_its_verdict():
   assert "## Step 2: an unreadable step\n" in verification and "## Step 3: an extra step\n" in verification
   with pytest.raises(ValueError, match="2 verdicts for 3 written steps"):
     task.render_verification(p, text, [False, False], False)
+  # The teacher grader recomputes (here without miscalculating) and states its result before the written one.
+  right = "Step 1: <step> 7 + 5 = 2</step>\n\nStep 2: <step> 2 * 3 = 6</step>"
+  wrong = "Step 1: <step> 7 + 5 = 3</step>\n\nStep 2: <step> 3 * 3 = 9</step>"
+  assert task.noisy_verification(p, right, random.Random(0), 1.0).startswith(
+      "## Step 1: 7 + 5 = 2; written 2\n**This step is correct.**\n\n## Step 2: 2 * 3 = 6; written 6\n")
+  assert task.noisy_verification(p, wrong, random.Random(0), 1.0) == (
+      "## Step 1: 7 + 5 = 2; written 3\n**This step is incorrect.**\n\n"
+      "## Step 2: 3 * 3 = 9; written 9\n**This step is incorrect.**\n\n"
+      "**Verification: Is the answer correct (Yes/No)? No**")
 
 
 def test_processbench_cases_load_and_render_like_a_solution(tmp_path):
@@ -161,3 +170,18 @@ def test_label_accuracy_of_variants_on_synthetic_stage1_files(tmp_path):
   assert v["step_consistency"][1]["step_accuracy"] == v["single"][1]["step_accuracy"]
   assert v["step_consistency"][9]["step_accuracy"] > v["single"][9]["step_accuracy"] + 0.03
   assert v["reference_guided"][9]["step_accuracy"] == 1.0 and v["reference_guided"][9]["first_error_accuracy"] == 1.0
+
+
+def test_step_error_solutions_make_copying_the_written_result_a_bad_check():
+  """Verifier training solutions: independent per-step errors, each step starting from the written result, so
+  the arithmetic is wrong at ~25% of the steps (a grader that copies the written result misses all of them)."""
+  rng = random.Random(3)
+  wrong = total = 0
+  for p in task.make_problems(5, 400, task.TaskConfig(modulus=5, min_ops=2, max_ops=4, max_operand=4)):
+    text, fe = task.sample_step_error_solution(p, rng, 0.25)
+    steps = task.parse_steps(text)
+    assert len(steps) == len(p.ops) and fe == task.first_error(task.step_truth(p, text))
+    assert steps[0].a == p.start and all(s.a == prev.c for prev, s in zip(steps, steps[1:]))
+    wrong += sum(s.c != task.apply(s.op, s.a, s.b, p.modulus) for s in steps)
+    total += len(steps)
+  assert 0.21 < wrong / total < 0.29, wrong / total  # ~1200 Bernoulli(0.25) draws: 5 sigma is 0.063

@@ -1,17 +1,29 @@
 """The quick demo from the CLI: every stage runs, the report holds the numbers, a rerun skips finished stages,
-and the label table keeps the identities the aggregation guarantees.
+the label table keeps the identities the aggregation guarantees, and the method works on the world:
 
-Not asserted: the paper's orderings (step-level SC above a single verification, a trained PRM's F1 well above
-the untrained one's). At the quick bootstrap settings the world's tiny models learn the formats but not the
-content (generator: 0% of steps right; verifier: mostly "correct" whatever the step), so those orderings do not
-hold here; the report's claims table states what was measured."""
+  * step-level self-consistency over 16 verifications labels steps better than one verification
+    (by >= LABEL_MARGIN points over ~380 steps of the same solutions);
+  * the PRM-CoT trained on step-SC labels reaches a ProcessBench-style F1 >= PRM_F1_MARGIN points above the
+    untrained model's (random weights: no parseable verdict, F1 0). 64 cases, half erroneous: a model that
+    guesses needs its guesses to be both parseable and right on both halves to get there;
+  * GRPO with the verifiable reward raises the validation accuracy (avg@4 at T=1 on 128 held-out problems,
+    512 graded answers per point) by >= RLVR_MARGIN points, and by more than twice its standard error.
+
+The run is deterministic given the seed; the margins sit well below the measured values (see docs/method.md
+§7.2), far above the evaluation noise.
+"""
 
 import json
 import os
 import subprocess
 import sys
 
+from spark_jax.world import report
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LABEL_MARGIN = 0.03
+PRM_F1_MARGIN = 30.0
+RLVR_MARGIN = 0.15
 
 
 def _demo(workdir, *extra):
@@ -29,14 +41,14 @@ def test_quick_demo_report_numbers(world, tmp_path):
   assert "wall time" in result.stdout and "report.md" in result.stdout
   with open(os.path.join(workdir, "report.md")) as f:
     report = f.read()
-  for section in ("Bootstrap models", "Label accuracy", "ProcessBench-style F1", "claims"):
+  for section in ("Bootstrap models", "Label accuracy", "ProcessBench-style F1", "Stage III", "claims"):
     assert section in report
 
   with open(os.path.join(workdir, "labels", "summary.json")) as f:
     labels = json.load(f)["table"]
   n_grid = [str(n) for n in labels["n_grid"]]
   total = labels["solutions"]
-  assert total == 32 * 4 and labels["unlabelable"] <= total
+  assert total == 32 * 4 and labels["unlabelable"] <= total // 10
   for variant in ("single", "outcome_consistency", "step_consistency"):
     for n in n_grid:
       row = labels["variants"][variant][n]
@@ -46,6 +58,8 @@ def test_quick_demo_report_numbers(world, tmp_path):
   first = labels["variants"]["single"][n_grid[0]]
   assert labels["variants"]["step_consistency"][n_grid[0]]["step_accuracy"] == first["step_accuracy"]
   assert all(labels["variants"]["single"][n] == first for n in n_grid)
+  step_sc = labels["variants"]["step_consistency"][n_grid[-1]]
+  assert n_grid[-1] == "16" and step_sc["step_accuracy"] >= first["step_accuracy"] + LABEL_MARGIN, labels
 
   with open(os.path.join(workdir, "processbench", "summary.json")) as f:
     scores = json.load(f)["scores"]
@@ -54,8 +68,17 @@ def test_quick_demo_report_numbers(world, tmp_path):
   assert untrained is not None and untrained < 5, scores
   for name in ("step_consistency/prm_cot", "single/prm_cot"):
     assert scores[name]["f1"] is not None and 0.0 <= scores[name]["f1"] <= 100.0, scores
+  assert scores["step_consistency/prm_cot"]["f1"] >= untrained + PRM_F1_MARGIN, scores
+
+  with open(os.path.join(workdir, "rl", "summary.json")) as f:
+    runs = json.load(f)["runs"]
+  assert list(runs) == ["rlvr"]
+  gain = report.rl_gain(runs["rlvr"])
+  assert gain["steps"] == 30 and gain["gain"] >= RLVR_MARGIN and gain["gain"] > 2 * gain["se"], runs["rlvr"]["eval"]
+  last = runs["rlvr"]["train"][max(runs["rlvr"]["train"], key=int)]
+  assert last["format_violation"] < 0.1  # the gain is not bought by dropping the format
 
   # A rerun finds every stage finished and only rewrites the report.
   again = _demo(workdir)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert again.stdout.count("already done") == 5
+  assert again.stdout.count("already done") == 6

@@ -5,9 +5,11 @@ with the project's own SFT job (`spark_jax.jobs.run` on a configs/sft_prm.py con
              (spark_jax/world/task.py) in which an error is injected at a uniform step with probability
              `generator_error_rate`, so the trained model samples partly wrong solutions (room for RL).
   verifier   user: `stage1.prompts.verifier_prompt(problem, solution)` (a `reference_fraction` of the rows
-             with the expected answer, the reference-guided prompt); assistant: a verification whose step
-             verdicts are each right with probability `verifier_step_accuracy`, independently. A model fit to
-             these samples noisy, partly independent verdicts: what self-consistency is meant to fix.
+             with the expected answer, the reference-guided prompt) for a solution whose steps are each wrong
+             with probability `verifier_step_error_rate`; assistant: a verification by a grader that redoes
+             each step and miscalculates with probability 1 - `verifier_step_accuracy`
+             (task.noisy_verification). A model fit to these samples noisy, partly independent verdicts:
+             what self-consistency is meant to fix.
 
 Solutions shown to the verifier are the decoded form Stage I stores (special tokens skipped). Every output
 is a checkpoint directory with the world tokenizer (`ChatModel.load` / `load_model` read it like a real
@@ -83,12 +85,12 @@ def generator_rows(problems: Sequence[task_lib.Problem], seed: int, error_rate: 
   return rows
 
 
-def verifier_rows(problems: Sequence[task_lib.Problem], seed: int, error_rate: float, step_accuracy: float,
+def verifier_rows(problems: Sequence[task_lib.Problem], seed: int, step_error_rate: float, step_accuracy: float,
                   reference_fraction: float) -> list[dict]:
   rng = random.Random(f"verifier-rows:{seed}")
   rows = []
   for p in problems:
-    solution, fe = task_lib.sample_solution(p, rng, error_rate)
+    solution, fe = task_lib.sample_step_error_solution(p, rng, step_error_rate)
     shown = task_lib.visible(solution)
     expected = p.answer if rng.random() < reference_fraction else None
     verification = task_lib.noisy_verification(p, solution, rng, step_accuracy)
@@ -223,7 +225,7 @@ def _run_bootstrap(config, workdir: str) -> dict:
   if not os.path.exists(gen_data):
     io.write_jsonl_atomic(gen_data, generator_rows(train_problems, config.seed, b.generator_error_rate))
   if not os.path.exists(ver_data):
-    io.write_jsonl_atomic(ver_data, verifier_rows(train_problems, config.seed, b.verifier_error_rate,
+    io.write_jsonl_atomic(ver_data, verifier_rows(train_problems, config.seed, b.verifier_step_error_rate,
                                                   b.verifier_step_accuracy, b.reference_fraction))
   timings = {}
   t = time.time()
@@ -231,8 +233,14 @@ def _run_bootstrap(config, workdir: str) -> dict:
                              b.generator_sft, config.seed))
   timings["generator_sft"] = round(time.time() - t, 1)
   t = time.time()
-  ver_sft = train(sft_config(os.path.join(workdir, "verifier"), ver_data, tok_dir, b.verifier_preset,
-                             b.verifier_sft, config.seed))
+  ver_config = sft_config(os.path.join(workdir, "verifier"), ver_data, tok_dir, b.verifier_preset, b.verifier_sft,
+                          config.seed)
+  if b.verifier_init == "generator":  # as a real verifier starts from an LLM that can already do the math
+    ver_config.model.name = gen_sft["export_dir"]
+    ver_config.model.init = "pretrained"
+  elif b.verifier_init != "random":
+    raise ValueError(f"bootstrap.verifier_init={b.verifier_init!r}; use 'generator' or 'random'.")
+  ver_sft = train(ver_config)
   timings["verifier_sft"] = round(time.time() - t, 1)
 
   t = time.time()
@@ -242,7 +250,7 @@ def _run_bootstrap(config, workdir: str) -> dict:
                                          seed=config.seed)
                  for name, temp in (("greedy", 0.0), ("sampled", config.stage1.generator_temperature))}
   verifier = _chat_model(ver_sft["export_dir"], config.mesh, config.seed, config.max_batch_rows)
-  ver_metrics = {name: measure_verifier(verifier, held_out, error_rate=b.verifier_error_rate, temperature=temp,
+  ver_metrics = {name: measure_verifier(verifier, held_out, error_rate=b.generator_error_rate, temperature=temp,
                                         max_new_tokens=b.max_new_tokens, seed=config.seed)
                  for name, temp in (("greedy", 0.0), ("sampled", config.stage1.verifier_temperature))}
   timings["measure"] = round(time.time() - t, 1)

@@ -41,6 +41,7 @@ OPS = ("+", "-", "*")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 STEP_OPEN, STEP_CLOSE = "<step>", "</step>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+CHECK_WORD = " ="  # a verification block's "a op b = r; written c" (render_verification)
 
 # One written step: "<step>7 + 5 = 2</step>" (spaces optional), numbered or not outside the tags.
 _STEP_RE = re.compile(r"<step>\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*</step>")
@@ -228,9 +229,9 @@ def process_complete(problem: Problem, text: str) -> bool:
 
 def render_verification(problem: Problem, solution_text: str, verdicts: Sequence[bool], final: bool,
                         recomputed: Sequence[int | None] | None = None) -> str:
-  """A teacher verification of `solution_text`: block k restates written step k (or says it is unreadable or
-  extra), then `; check a op b = r` with the grader's own result `recomputed[k]` when given, then the marker
-  of `verdicts[k]`; then the final line. Restating the step and recomputing it puts the two results to
+  """A teacher verification of `solution_text`: block k restates written step k as `a op b = c` (or says it
+  is unreadable or extra), or, with the grader's own result r = `recomputed[k]`, as `a op b = r; written
+  c`; then the marker of `verdicts[k]`; then the final line. Recomputing the step puts the two results to
   compare right before the verdict, so judging a step is a local comparison, as when a careful grader redoes
   each step."""
   written = parse_steps(solution_text)
@@ -243,7 +244,9 @@ def render_verification(problem: Problem, solution_text: str, verdicts: Sequence
   for k, s in enumerate(written):
     title = "an extra step" if k >= len(problem.ops) else ("an unreadable step" if s is None else s.text().strip())
     if recomputed is not None and recomputed[k] is not None and s is not None and k < len(problem.ops):
-      title += f"; check {s.a} {s.op} {s.b} = {recomputed[k]}"
+      # The grader's own result comes BEFORE the written one: with the written result just before it, a small
+      # model learns to copy it instead of computing it, and judges every step correct.
+      title = f"{s.a} {s.op} {s.b}{CHECK_WORD} {recomputed[k]}; written {s.c}"
     blocks.append(f"## Step {k + 1}: {title}\n{step_marker(verdicts[k])}")
   return "\n\n".join(blocks) + "\n\n" + final_verdict_line(final)
 
@@ -294,6 +297,26 @@ def noisy_verification(problem: Problem, solution_text: str, rng: random.Random,
     ok = ok and judged
     verdicts.append(ok)
   return render_verification(problem, solution_text, verdicts, all(verdicts), recomputed)
+
+
+def sample_step_error_solution(problem: Problem, rng: random.Random, step_error_rate: float) -> tuple[str, int]:
+  """(policy-format text, first error index) whose every step writes a wrong result with probability
+  `step_error_rate`, independently; each step starts from the previous written result.
+
+  The verifier's training solutions: with a single injected error, copying a step's written result is the
+  right "recomputation" for every step but one, so a small model learns to copy instead of to check; with
+  independent errors copying is wrong at every wrong step."""
+  if not 0.0 <= step_error_rate <= 1.0:
+    raise ValueError(f"step_error_rate={step_error_rate} is not a probability.")
+  steps, a = [], problem.start
+  for op, b in problem.ops:
+    c = apply(op, a, b, problem.modulus)
+    if rng.random() < step_error_rate:
+      c = rng.choice([v for v in range(problem.modulus) if v != c])
+    steps.append(Step(a, op, b, c))
+    a = c
+  text = render_solution(steps)
+  return text, first_error(step_truth(problem, text))
 
 
 def sample_solution(problem: Problem, rng: random.Random, error_rate: float) -> tuple[str, int]:
