@@ -17,12 +17,17 @@ model). Measured on held-out problems: parse rate, generator answer and process 
 verdict accuracy against the exact truth. Each model's training resumes (the SFT job checkpoints) and a
 finished one is skipped by its summary.json.
 
-Measured (quick settings: world-tiny, 150 steps, batch 32, lr 3e-3; mod 5, 2-4 operations; shared 2-core CPU,
-~1-3 s per step): both models learn the formats (parse rate 100%) but not the content: generator 0% of steps
-right (answer accuracy 18.8% greedy, chance 20%), verifier greedy per-step accuracy 66.7% with mostly "correct"
-verdicts, SFT losses plateau at 0.40 / 0.49. A longer run (lr 1e-2, 400 steps, 4000 problems) leaves the
-plateau (loss 0.19) and learns to copy the previous result into the next step, but still not the operation
-lookup or the mod-5 table (3.6% of steps right): the content needs more SFT steps than the quick budget holds.
+Measured (2026-12-02, 2-core CPU, world-tiny, batch 32, lr 3e-3, mod 5, 2-4 operations; details in
+docs/method.md §1.1 and §7.2):
+  generator, 150-400 steps: a plateau where it knows the layout but not the arithmetic (0-4 % of steps
+    right). 1,000 steps: fragile. One run (seed 1, an earlier build of the world tokenizer) computed every
+    step of 64 held-out problems right (greedy, loss 0.03); with today's tokenizer seed 0 stops at loss 0.12
+    with 17 % of greedy steps right, seed 1 at loss 0.15, and 2,000 steps (seed 0) at loss 0.08, 16 %.
+  verifier, 1,000 steps (from random weights, or fine-tuned from the generator; teacher graders that
+    recompute each step): it learns the format, the restatement and its own recomputation (from the
+    generator: right), but not the comparison of its result with the written one that decides the verdict:
+    its verdicts follow the step's position ("correct", then "incorrect"), 50-76 % per-step accuracy, the
+    base rate of the data. A teacher that wrote the written result before its check taught it to copy.
 
 Cache: training is deterministic given the settings, so with `bootstrap.cache=True` the models live in
 `$SPARK_JAX_CACHE/world/<fingerprint>` (`bootstrap_dir`), the fingerprint hashing every setting that shapes

@@ -262,6 +262,9 @@ def stage_rl(config, results: dict) -> dict:
         done = None  # interrupted: jobs.run resumes it from its checkpoint
     start = time.time()
     summary = done or jobs.run(c)
+    if summary.get("final_step") != int(c.num_steps):  # stopped by a signal: no stage summary, resume later
+      raise RuntimeError(f"the {reward} RL run in {c.workdir} stopped at step {summary.get('final_step')} of "
+                         f"{c.num_steps}; rerun the demo to resume it from its checkpoint.")
     runs[reward] = {"workdir": c.workdir, "seconds": round(summary.get("seconds", time.time() - start), 1),
                     "eval_rows": int(c.eval_prompts) * int(c.eval_samples), **_rl_curves(c.workdir)}
   summary = {"job": "rl_stage", "runs": runs}

@@ -220,8 +220,8 @@ def write_report(workdir: str, config, results: dict, seconds: dict, wall_s: flo
       lines.append(f"| verifier | {mode} (T={m['temperature']}) | {_pct(m['well_formed'])} | – | – | "
                    f"{_pct(m['step_accuracy'])} | {_pct(m['final_accuracy'])} |")
     lines += ["", "Percent. Verifier step acc. = per-step verdict accuracy against the exact truth on task-generated "
-              "solutions (half with an injected error); training verdicts were right with probability "
-              f"{config.bootstrap.verifier_step_accuracy}.", ""]
+              f"solutions ({100 * config.bootstrap.generator_error_rate:.0f} % with an injected error); its teacher "
+              f"graders recomputed each step right with probability {config.bootstrap.verifier_step_accuracy}.", ""]
   s1 = results.get("stage1")
   if s1:
     lines += ["## Stage I", "", f"Stage I seconds per job: {s1.get('seconds')}.", ""]
