@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-from spark_jax.world import report
+from spark_jax.world import report as report_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABEL_MARGIN = 0.03
@@ -68,7 +68,7 @@ def test_quick_demo_report_numbers(world, tmp_path):
   with open(os.path.join(workdir, "rl", "summary.json")) as f:
     runs = json.load(f)["runs"]
   assert list(runs) == ["rlvr"]
-  gain = report.rl_gain(runs["rlvr"])
+  gain = report_lib.rl_gain(runs["rlvr"])
   assert gain["steps"] == 30 and len(runs["rlvr"]["eval"]) == 7 and 0.0 <= gain["first"] <= 1.0, runs["rlvr"]
   assert sorted(int(k) for k in runs["rlvr"]["train"]) == list(range(1, 31))
   last = runs["rlvr"]["train"][max(runs["rlvr"]["train"], key=int)]
