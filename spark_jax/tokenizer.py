@@ -12,7 +12,8 @@ This module pins those down once:
   special tokens, so the ids are the same whatever the installed transformers version returns.
 * `token_bytes_table` gives the bytes each id decodes to, so the sampler can match stop strings on the byte
   stream even when a stop string (or a multi-byte character) is split across tokens.
-* `render_chat_with_assistant_mask` marks the tokens the SFT loss is computed on.
+* `render_chat_with_assistant_mask` marks the tokens the SFT loss is computed on;
+  `render_reply_after_prompt_ids` does the same after prompt ids the caller built (the PRM's piecewise prompt).
 
 Any standard HF tokenizer directory works (`tokenizer.json` + `tokenizer_config.json`): Qwen2/2.5/3,
 Llama-3, SmolLM2 (GPT-2-style byte-level BPE) and, for everything except `token_bytes_table`'s exactness
@@ -40,6 +41,14 @@ KNOWN_END_OF_TURN_TOKENS = (
     "<|end_of_text|>",  # Llama-3 end of document.
     "<end_of_turn>",  # Gemma.
 )
+
+
+def first_difference(got: str, expected: str, context: int = 40) -> str:
+  """Where two texts first differ, with a little context, for error messages about mismatched renderings."""
+  k = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+  lo = max(0, k - context)
+  return (f"they first differ at character {k}: {got[lo:k + context]!r} vs expected "
+          f"{expected[lo:k + context]!r}")
 
 
 class TokenizerNotFoundError(OSError):
@@ -347,12 +356,58 @@ class Tokenizer:
         )
       spans.append((len(before), len(through)))
 
+    return self._ids_with_assistant_mask(full, spans)
+
+  def render_reply_after_prompt_ids(
+      self,
+      messages: Sequence[Message],
+      prompt_ids: Sequence[int],
+      enable_thinking: bool | None = None,
+      **template_kwargs: Any,
+  ) -> tuple[list[int], list[int]]:
+    """`render_chat_with_assistant_mask` for a conversation whose prompt the caller has tokenized itself.
+
+    For prompts defined as ids rather than text (the reward model's piecewise prompt, rl/prm_prompt.py):
+    `messages` ends with the one assistant turn to train on, and `prompt_ids` are the caller's ids of
+    `messages[:-1]` rendered with the generation prompt. The reply is the text the full rendering has after
+    that prompt (assistant content, end of turn, what the template writes after it), tokenized on its own and
+    masked by `render_chat_with_assistant_mask`'s rule, so both methods train the same assistant tokens.
+
+    Returns:
+      (prompt_ids + reply ids, zeros over the prompt + the reply's mask).
+
+    Raises:
+      ValueError: the last message is not the assistant's, the template does not render the prompt as a
+        prefix of the conversation, or `prompt_ids` do not decode to the rendered prompt.
+    """
+    if not messages or messages[-1].get("role") != "assistant":
+      raise ValueError("render_reply_after_prompt_ids needs a conversation ending with the assistant turn to "
+                       f"train on; its roles are {[m.get('role') for m in messages]}.")
+    prompt = self._render(messages[:-1], True, enable_thinking, template_kwargs)
+    full = self._render(messages, False, enable_thinking, template_kwargs)
+    if not full.startswith(prompt):
+      raise ValueError(
+          f"The chat template of {self._source!r} does not render the prompt turns as a prefix of the full "
+          "conversation, so the assistant reply cannot be cut off after the prompt ids."
+      )
+    decoded = self.decode(prompt_ids)
+    if decoded != prompt:
+      raise ValueError(
+          f"prompt_ids do not decode to the chat-rendered prompt turns ({first_difference(decoded, prompt)}); "
+          "pass the ids of messages[:-1] rendered with the generation prompt."
+      )
+    reply = full[len(prompt):]
+    reply_ids, reply_mask = self._ids_with_assistant_mask(reply, [(0, len(reply))])
+    return list(prompt_ids) + reply_ids, [0] * len(prompt_ids) + reply_mask
+
+  def _ids_with_assistant_mask(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Ids of `text` and the SFT mask of the assistant character `spans` (rule: `render_chat_with_assistant_mask`)."""
     if not getattr(self._hf, "is_fast", False):
       raise NotImplementedError(
-          f"render_chat_with_assistant_mask needs token offsets, which {type(self._hf).__name__} (a slow tokenizer) "
+          f"assistant masks need token offsets, which {type(self._hf).__name__} (a slow tokenizer) "
           f"of {self._source!r} does not give; save the tokenizer with a tokenizer.json (fast tokenizer)."
       )
-    encoding = self._hf(full, add_special_tokens=False, return_offsets_mapping=True)
+    encoding = self._hf(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
     offsets = encoding["offset_mapping"]
     stops = set(self.end_of_turn_ids)

@@ -189,3 +189,35 @@ def test_f1_on_real_data_trivial_predictors(rows):
   assert all(s[sp]["acc_correct"] == 100.0 and s[sp]["f1"] == 0.0 for sp in pb.SPLITS)
   # The oracle gets 100.
   assert pb.f1_scores(rows, [r["label"] for r in rows])["average"]["f1"] == pytest.approx(100.0)
+
+
+def test_prm_mode_sends_the_piecewise_prompt_ids(tmp_path, monkeypatch):
+  """The PRM is asked with the ids it was trained on (rl/prm_prompt.rm_prompt_ids), not the whole string's."""
+  from configs.processbench import get_config
+  from spark_jax.evals import processbench_job
+  from spark_jax.rl.prm_prompt import rm_prompt_ids
+  from spark_jax.sampling import chat
+  from spark_jax.text.rm import rm_prompt
+  from spark_jax.tokenizer_qwen import load_qwen2_tokenizer
+
+  qwen = load_qwen2_tokenizer()
+  sent = []
+
+  class Model:  # no `sample`: the prm mode must not go through the user-message path
+    tokenizer = qwen
+
+    def sample_ids(self, prompts, **settings):
+      sent.extend(prompts)
+      return [[chat.Completion("Step 1: Correct\n**Verification: Is the answer correct (Yes/No)? Yes**", 12, "stop")]
+              for _ in prompts]
+
+  monkeypatch.setattr(chat.ChatModel, "load", classmethod(lambda cls, *args, **kwargs: Model()))
+  config = get_config()
+  config.workdir, config.splits, config.limit, config.format = str(tmp_path), ("gsm8k",), 2, "think_prm"
+  summary = processbench_job.run_processbench(config)
+  cases = processbench_job._limited(pb.load_processbench(splits=["gsm8k"]), 2)
+  expected = [rm_prompt_ids(qwen, "think_prm", c["problem"], pb.render_steps(c["steps"])) for c in cases]
+  assert summary["cases"] == 2 and sent == expected
+  whole = qwen.apply_chat_template([{"role": "user", "content": rm_prompt("think_prm", cases[0]["problem"],
+                                                                          pb.render_steps(cases[0]["steps"]))}])
+  assert sent[0] != whole and qwen.decode(sent[0]) == qwen.decode(whole)

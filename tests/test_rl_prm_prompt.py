@@ -1,4 +1,5 @@
-"""The reward-model prompt built from ids: host and graph give the same ids, and they decode to the prompt text."""
+"""The reward-model prompt built from ids: host and graph give the same ids, they decode to the prompt text, and
+the SFT rows train the PRM on those ids."""
 
 import jax
 import numpy as np
@@ -7,8 +8,10 @@ import pytest
 from spark_jax.rl import automata
 from spark_jax.rl import prm_prompt
 from spark_jax.rl.rewards import truncate_after_answer
-from spark_jax.text.rm import rm_prompt
+from spark_jax.stage1 import aggregate, formats
+from spark_jax.text.rm import RM_FORMATS, rm_prompt
 from spark_jax.tokenizer import Tokenizer
+from spark_jax.train import data as data_lib
 
 PROBLEMS = ["Compute 3 + 4 * 2.", "12 - 5 = ?", "Find x if 2x = 10\nand x > 0"]
 RESPONSES = ["<think><step>4 * 2 = 8</step><step>3 + 8 = 11</step></think><answer>\\boxed{11}</answer>",
@@ -74,3 +77,73 @@ def test_pack_rejects_mismatched_groups(tok):
   with pytest.raises(ValueError, match="3 responses for 2 problems x group_size 2"):
     prm_prompt.pack(template, np.zeros((2, 3), np.int32), np.ones(2, np.int32), np.zeros((3, 4), np.int32),
                     np.ones(3, np.int32), 2)
+
+
+# ------------------------------------------------------------------------------------- SFT rows (Qwen2.5 BPE)
+
+SFT_PROBLEM = "Find x if 2x = 10."
+SFT_SOLUTION = "Step 1: Divide both sides by 2.\n\nStep 2: So x = 5."
+VERIFICATION = ("<think>\nBoth steps hold.\n</think>\n\n## Step 1: halve\nFine.\n**This step is correct.**\n\n"
+                "## Step 2: read off x\nFine.\n**This step is correct.**\n\n"
+                "**Verification: Is the answer correct (Yes/No)? Yes**")
+TARGETS = {"orm": "Yes", "prm": aggregate.prm_target([True, True], True),
+           "prm_cot": aggregate.prm_cot_target(VERIFICATION), "think_prm": aggregate.think_prm_target(VERIFICATION)}
+
+
+@pytest.fixture(scope="module")
+def qwen():
+  from spark_jax.tokenizer_qwen import load_qwen2_tokenizer
+  return load_qwen2_tokenizer()
+
+
+def _sft_row(fmt: str) -> dict:
+  return formats.sft_example(fmt, SFT_PROBLEM, SFT_SOLUTION, TARGETS[fmt], variant="v", problem_id="p",
+                             solution_id="s")
+
+
+def _tokenized(qwen, row: dict, where: str = "rows.jsonl:1") -> tuple[list[int], list[int]]:
+  ids, mask = data_lib.tokenize_rows(iter([(where, row)]), qwen, max_length=4096).example(0)
+  return ids.tolist(), mask.tolist()
+
+
+@pytest.mark.parametrize("fmt", RM_FORMATS)
+def test_sft_row_trains_on_the_piecewise_prompt_ids(qwen, fmt):
+  row = _sft_row(fmt)
+  ids, mask = _tokenized(qwen, row)
+  prompt = prm_prompt.rm_prompt_ids(qwen, fmt, SFT_PROBLEM, SFT_SOLUTION)
+  # Today's whole-string rendering: its prompt part differs from the pieces, its reply part is the reference.
+  whole_ids, whole_mask = qwen.render_chat_with_assistant_mask(row["messages"])
+  whole_prompt = qwen.apply_chat_template(row["messages"][:1])
+  assert whole_ids[:len(whole_prompt)] == whole_prompt and whole_prompt != prompt
+  assert ids == prompt + whole_ids[len(whole_prompt):]
+  assert mask == [0] * len(prompt) + whole_mask[len(whole_prompt):]
+  assert qwen.decode([i for i, m in zip(ids, mask) if m]) == TARGETS[fmt] + "<|im_end|>"
+
+
+def test_rows_without_rm_prompt_tokenize_their_whole_rendering(qwen):
+  row = _sft_row("orm")
+  whole_ids, whole_mask = qwen.render_chat_with_assistant_mask(row["messages"])
+  no_field = {k: v for k, v in row.items() if k != "rm_prompt"}
+  for plain in (no_field, dict(row, rm_prompt=None)):  # None: a parquet file that mixes both kinds of rows
+    assert _tokenized(qwen, plain) == (whole_ids, whole_mask)
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda r: r["rm_prompt"].update(problem="Find y if 2y = 10."),
+     r"rows\.jsonl:7: messages\[0\]\['content'\] is not rm_prompt\(.*first differ at character 14"),
+    (lambda r: r["rm_prompt"].pop("solution"), r"rows\.jsonl:7: 'rm_prompt' must be a dict of string"),
+    (lambda r: r.update(format="orm"), r"rows\.jsonl:7: rm_prompt\.format 'prm' .* equal the row's 'format' 'orm'"),
+    (lambda r: r["messages"].insert(0, {"role": "system", "content": "Be brief."}),
+     r"rows\.jsonl:7: a row with 'rm_prompt' must have exactly a user then an assistant message"),
+])
+def test_sft_row_whose_fields_disagree_is_an_error(qwen, edit, error):
+  row = _sft_row("prm")
+  edit(row)
+  with pytest.raises(ValueError, match=error):
+    _tokenized(qwen, row, where="rows.jsonl:7")
+
+
+def test_reply_after_prompt_ids_rejects_other_prompt_ids(qwen):
+  row = _sft_row("prm")
+  with pytest.raises(ValueError, match="prompt_ids do not decode to the chat-rendered prompt turns"):
+    qwen.render_reply_after_prompt_ids(row["messages"], qwen.encode("Problem: something else"))

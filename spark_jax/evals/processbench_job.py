@@ -2,7 +2,8 @@
 
 Modes:
   prm     a generative reward model trained by spark_jax (formats prm, prm_cot, think_prm): the PRM prompt
-          over the steps rendered as `Step k: ...` (D8), greedy, parsed with the format's own parser; the
+          over the steps rendered as `Step k: ...` (D8), built as ids by `rl.prm_prompt.rm_prompt_ids` (the
+          construction of the SFT rows and the RL reward), greedy, parsed with the format's own parser; the
           prediction is the first step judged incorrect (or -1).
   critic  any instruct model with ProcessBench's own protocol (indexed paragraphs, the earliest-error index
           or -1 in the last \\boxed{}), optionally k samples with majority voting.
@@ -17,8 +18,8 @@ import os
 
 from spark_jax import io
 from spark_jax.evals import processbench as pb
+from spark_jax.rl.prm_prompt import rm_prompt_ids
 from spark_jax.text import verdicts as parsing
-from spark_jax.text import rm as prompts
 
 PRM_FORMATS = ("prm", "prm_cot", "think_prm")
 
@@ -26,6 +27,16 @@ PRM_FORMATS = ("prm", "prm_cot", "think_prm")
 def _prm_verdicts(fmt: str, text: str) -> list[bool]:
   parsed = parsing.parse_prm_output(text) if fmt == "prm" else parsing.parse_verification(text)
   return parsed["steps"]
+
+
+def _prm_prompts(tokenizer, fmt: str, cases: list[dict]) -> list[list[int]]:
+  """Each case's reward-model prompt as the ids the PRM was trained on and is queried with at RL time.
+
+  The chat template renders it with its default thinking setting, as for the SFT rows and the RL reward. The
+  explicit enable_thinking=True think_prm used to pass renders the same for ChatML templates, which ignore it,
+  and for Qwen3's released templates, which change the generation prompt only for enable_thinking=False.
+  """
+  return [rm_prompt_ids(tokenizer, fmt, c["problem"], pb.render_steps(c["steps"])) for c in cases]
 
 
 def _limited(cases: list[dict], limit: int) -> list[dict]:
@@ -63,9 +74,8 @@ def run_processbench(config) -> dict:
 
   def work(items):
     if config.mode == "prm":
-      messages = [prompts.rm_prompt(config.format, c["problem"], pb.render_steps(c["steps"])) for c in items]
-      outs = model.sample(messages, num_samples=1, temperature=0.0, max_new_tokens=config.max_new_tokens,
-                          enable_thinking=config.format == "think_prm" or None)
+      outs = model.sample_ids(_prm_prompts(model.tokenizer, config.format, items), num_samples=1, temperature=0.0,
+                              max_new_tokens=config.max_new_tokens)
       preds = [[pb.prediction_from_verdicts(_prm_verdicts(config.format, o[0].text), len(c["steps"]))]
                for c, o in zip(items, outs)]
     else:

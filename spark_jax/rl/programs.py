@@ -4,8 +4,9 @@
   * the in-graph path: one call of the rollout-and-reward program;
   * `rlvr`: rollouts + gate, math_verify grading on the host, then the advantage program;
   * the host reference path (`reward.in_graph=False`): rollouts + gate in the graph, then decode, the PRM
-    prompt as a string, the PRM through the sampling engine, the rules of rl/rewards.py on text, the step
-    ends from the token bytes (rl/rewards.step_end_tokens) and the same advantage functions. Tests compare
+    prompt as ids (rl/prm_prompt.rm_prompt_ids, the ids the graph packs), the PRM through the sampling
+    engine, the rules of rl/rewards.py on text, the step ends from the token bytes
+    (rl/rewards.step_end_tokens) and the same advantage functions. Tests compare
     it with the in-graph path; it is also the path for a PRM with another tokenizer;
   * the update: pi_old / reference log-probs, then mini-batches x epochs of jitted AdamW steps;
   * dynamic sampling (DAPO): repeat the rollout-and-reward program, bounded rounds, until the batch holds

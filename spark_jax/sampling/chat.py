@@ -1,5 +1,6 @@
 """Chat-level sampling shell shared by every job that asks a model something (generator, verifier,
-critic/merger, reward model on ProcessBench, math evals): user messages in, decoded completions out.
+critic/merger, reward model on ProcessBench, math evals): user messages (or prompt ids) in, decoded
+completions out.
 
 It owns the model, its tokenizer and the mesh; the arrays go through the one sampling engine.
 """
@@ -7,7 +8,7 @@ It owns the model, its tokenizer and the mesh; the arrays go through the one sam
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 from spark_jax import sharding
 from spark_jax.models.load import load_model
@@ -57,15 +58,22 @@ class ChatModel:
                                               add_generation_prompt=True, tokenize=True,
                                               enable_thinking=enable_thinking)
 
-  def sample(self, user_messages: Sequence[str], *, num_samples: int = 1, temperature: float = 0.0,
-             top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0, stop_strings: Sequence[str] = (),
-             enable_thinking: bool | None = None, prompt_indices: Sequence[int] | None = None
+  def sample(self, user_messages: Sequence[str], *, enable_thinking: bool | None = None, **sampling: Any
              ) -> list[list[Completion]]:
-    """One list of `num_samples` completions per message, in order; special tokens are not decoded."""
+    """Each user message through the chat template, then `sample_ids` (`sampling`: its keyword arguments)."""
+    return self.sample_ids([self.render(m, enable_thinking=enable_thinking) for m in user_messages], **sampling)
+
+  def sample_ids(self, prompts: Sequence[Sequence[int]], *, num_samples: int = 1, temperature: float = 0.0,
+                 top_p: float = 1.0, max_new_tokens: int = 512, seed: int = 0, stop_strings: Sequence[str] = (),
+                 prompt_indices: Sequence[int] | None = None) -> list[list[Completion]]:
+    """One list of `num_samples` completions per prompt, in order; special tokens are not decoded.
+
+    `prompts` are complete prompt ids (chat template included): for prompts defined as ids rather than text,
+    such as the reward model's piecewise prompt (rl/prm_prompt.rm_prompt_ids).
+    """
     from spark_jax.sampling.core import SamplingParams
-    if not user_messages:
+    if not prompts:
       return []
-    prompts = [self.render(m, enable_thinking=enable_thinking) for m in user_messages]
     settings = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               num_samples=num_samples, stop_token_ids=tuple(self.tokenizer.end_of_turn_ids),
                               stop_strings=tuple(s.encode() for s in stop_strings))

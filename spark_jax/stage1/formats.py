@@ -7,6 +7,7 @@ Row format (one JSON object per line in the SFT files; this is what the Stage II
         {"role": "user", "content": rm_prompt(format, problem, solution)},
         {"role": "assistant", "content": target},
       ],
+      "rm_prompt": {"format": format, "problem": problem, "solution": solution},
       "format": "orm" | "prm" | "prm_cot" | "think_prm",
       "variant": one of aggregate.VARIANTS (the Stage I data variant the labels come from),
       "problem_id": str, "solution_id": str,
@@ -14,8 +15,12 @@ Row format (one JSON object per line in the SFT files; this is what the Stage II
     }
 
 The trainer applies the chat template of the base model and puts the loss on the assistant message only
-(D9). The user message is exactly the reward-model prompt used at RL time (docs/method.md §3.2), so training and
-querying see the identical text. Targets per format:
+(D9). The user message is exactly the reward-model prompt used at RL time (docs/method.md §3.2), kept as text so
+the rows read like any other SFT data. `rm_prompt` marks the user turn as that prompt and holds its parts: the
+trainer tokenizes it piecewise with `rl.prm_prompt.rm_prompt_ids`, as ProcessBench and the RL reward do, so
+training and querying see the identical ids, not only the identical text (a whole-string tokenization merges
+tokens across the piece boundaries). The trainer checks that the user message equals
+`rm_prompt(format, problem, solution)`. Targets per format:
 
   orm        "Yes" | "No"
   prm        "Step 1: Correct\\nStep 2: Incorrect\\n...\\n**Verification: Is the answer correct (Yes/No)? No**"
@@ -63,6 +68,7 @@ def sft_example(fmt: str, problem: str, solution: str, target: str, *, variant: 
           {"role": "user", "content": rm_prompt(fmt, problem, solution)},
           {"role": "assistant", "content": target},
       ],
+      "rm_prompt": {"format": fmt, "problem": problem, "solution": solution},
       "format": fmt,
       "variant": variant,
       "problem_id": problem_id,

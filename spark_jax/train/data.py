@@ -5,7 +5,10 @@ Stages (each a plain function, so tests and the RL loop can reuse any of them):
 1. `spark_jax.io.iter_records` (the project's one record reader): JSONL / JSON / parquet files (a file, a
    directory, a glob) or a Hub dataset id, yielding `(where, row)` so every row error names its source.
 2. `tokenize_rows`: filter by `format`/`variant`, render with the chat template and mark the assistant tokens
-   (`Tokenizer.render_chat_with_assistant_mask`), handle sequences longer than `max_length`. Result: one flat
+   (`Tokenizer.render_chat_with_assistant_mask`), handle sequences longer than `max_length`. A reward-model
+   row (one with an `rm_prompt` field, stage1/formats.py) takes its prompt ids from `rl.prm_prompt.rm_prompt_ids`,
+   the piecewise construction ProcessBench and the RL reward use, and its reply from
+   `Tokenizer.render_reply_after_prompt_ids`: the PRM trains on the ids it is later queried with. Result: one flat
    token array + offsets (`TokenizedExamples`), cached in the workdir as .npz so a restart does not re-tokenize.
 3. `make_batch_plan`: which examples make up global batch `step`, and its padded length. Length bucketing:
    each epoch's seeded permutation is cut into windows of `window` global batches; inside a window the
@@ -44,9 +47,15 @@ import grain
 import numpy as np
 
 from spark_jax import io
+from spark_jax.rl.prm_prompt import rm_prompt_ids
+from spark_jax.text.rm import RM_FORMATS, rm_prompt
+from spark_jax.tokenizer import first_difference
 
 # Keys of one batch (numpy, host side). Shapes: A accumulation steps x b process-local rows x T padded length.
 BATCH_KEYS = ("tokens", "targets", "weights", "mask")
+# Part of the tokenized-data cache key: bump it whenever `tokenize_rows` turns the same rows into other ids or
+# masks, so caches written under the old rules are not reused (4: reward-model rows use the piecewise prompt).
+TOKENIZE_RULES_VERSION = 4
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -123,6 +132,36 @@ def _check_messages(where: str, row: Any) -> list[dict]:
   return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+def _rm_prompt_fields(where: str, row: Mapping, messages: list[dict]) -> tuple[str, str, str]:
+  """(format, problem, solution) of a row's `rm_prompt` field, checked against the row's user message."""
+  spec = row["rm_prompt"]
+  if not isinstance(spec, Mapping) or any(not isinstance(spec.get(k), str) for k in ("format", "problem", "solution")):
+    raise ValueError(f"{where}: 'rm_prompt' must be a dict of string 'format', 'problem' and 'solution', got "
+                     f"{spec!r:.200}; rebuild the row with spark_jax.stage1.formats.sft_example.")
+  fmt, problem, solution = spec["format"], spec["problem"], spec["solution"]
+  if fmt not in RM_FORMATS or row.get("format", fmt) != fmt:
+    raise ValueError(f"{where}: rm_prompt.format {fmt!r} must be one of {RM_FORMATS} and equal the row's "
+                     f"'format' {row.get('format')!r}; rebuild the row with spark_jax.stage1.formats.sft_example.")
+  if [m["role"] for m in messages] != ["user", "assistant"]:
+    raise ValueError(f"{where}: a row with 'rm_prompt' must have exactly a user then an assistant message, got "
+                     f"roles {[m['role'] for m in messages]}; rebuild it with spark_jax.stage1.formats.sft_example.")
+  expected = rm_prompt(fmt, problem, solution)
+  if messages[0]["content"] != expected:
+    raise ValueError(f"{where}: messages[0]['content'] is not rm_prompt(rm_prompt.format, rm_prompt.problem, "
+                     f"rm_prompt.solution) ({first_difference(messages[0]['content'], expected)}); the two fields "
+                     "must describe one prompt: rebuild the row with spark_jax.stage1.formats.sft_example.")
+  return fmt, problem, solution
+
+
+def _render_row(where: str, row: Mapping, messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+  """Ids and loss mask of one row. A reward-model row's prompt is the canonical piecewise ids the PRM also
+  sees at ProcessBench and RL time (rl/prm_prompt.py); any other row is its chat rendering tokenized whole."""
+  if row.get("rm_prompt") is None:  # parquet and hub datasets give a null where a row lacks the field
+    return tokenizer.render_chat_with_assistant_mask(messages)
+  fmt, problem, solution = _rm_prompt_fields(where, row, messages)
+  return tokenizer.render_reply_after_prompt_ids(messages, rm_prompt_ids(tokenizer, fmt, problem, solution))
+
+
 def _matches(where: str, row: Mapping, key: str, allowed: Sequence[str]) -> bool:
   if not allowed:
     return True
@@ -138,7 +177,8 @@ def tokenize_rows(rows: Iterator[tuple[str, Mapping]], tokenizer, *, max_length:
 
   Args:
     rows: (where, row) pairs as from `spark_jax.io.iter_records`.
-    tokenizer: a `spark_jax.tokenizer.Tokenizer` (anything with `render_chat_with_assistant_mask`).
+    tokenizer: a `spark_jax.tokenizer.Tokenizer` (`render_chat_with_assistant_mask`; for rows with an
+      `rm_prompt` field also `render_reply_after_prompt_ids`, `encode`, `decode` and a chat template).
     max_length: longest sequence kept, in tokens (template included).
     overlong: "drop" (count and skip) or "truncate" (keep the first max_length tokens).
     formats, variants: keep only rows whose "format" / "variant" is listed (empty = keep all).
@@ -157,7 +197,7 @@ def tokenize_rows(rows: Iterator[tuple[str, Mapping]], tokenizer, *, max_length:
     if not (_matches(where, row, "format", formats) and _matches(where, row, "variant", variants)):
       stats["filtered_out"] += 1
       continue
-    ids, mask = tokenizer.render_chat_with_assistant_mask(messages)
+    ids, mask = _render_row(where, row, messages, tokenizer)
     stats["longest_seen"] = max(stats["longest_seen"], len(ids))
     if len(ids) > max_length:
       if overlong == "drop":
@@ -202,7 +242,7 @@ def load_examples(source: str, tokenizer, *, max_length: int, overlong: str = "d
   Every process computes the same result; only process 0 writes the cache (atomically).
   """
   key = json.dumps([source_fingerprint(source, split), _tokenizer_fingerprint(tokenizer), max_length, overlong,
-                    sorted(formats), sorted(variants), 3])
+                    sorted(formats), sorted(variants), TOKENIZE_RULES_VERSION])
   digest = hashlib.sha256(key.encode()).hexdigest()[:20]
   path = os.path.join(cache_dir, f"tokens-{digest}.npz") if cache_dir else None
   if path and os.path.exists(path):
