@@ -233,9 +233,10 @@ def _decode_attention(q_NxKxGxE, k_NxKxExS, v_NxKxSxE, k_new_NxKxE, v_new_NxKxE,
   shared read-only prefix, with one softmax over all of them, in fp32. The N rows are the decoder's batch; with
   a prefix they are B prompts × A samples, prompt-major.
 
-  Own cache: multiply-reduce instead of dot products. With T = 1 the "matmuls" are G×E by E×S per (row, kv
-  head), far too small for a GEMM call, and as reductions they fuse with the layer read of the stacked cache
-  and the bf16 -> fp32 casts, so the cache is read once per step.
+  Own cache: batched dot products (einsum) over (row, kv head). An earlier multiply-reduce form
+  (`sum(q[..., None] * k, axis=E)`) was meant to fuse with the cache read; measured on XLA:CPU it is never
+  faster and collapses when a kv head has one query head (G = 1): 219 ms vs 3.2 ms per layer at 256 rows x
+  257 slots, E = 32 (benchmarks/sampling.py --attention).
 
   `prefix_kv` = (k_pre_BxKxExP, v_pre_BxKxPxE, valid_BxP): P slots of each of B prompts, shared by its A = N / B
   consecutive rows (the samples of that prompt). Reading them once per group instead of once per row is the
@@ -245,7 +246,7 @@ def _decode_attention(q_NxKxGxE, k_NxKxExS, v_NxKxSxE, k_new_NxKxE, v_new_NxKxE,
   N, K, G, E = q_NxKxGxE.shape
   q = q_NxKxGxE.astype(F32) * (E ** -0.5)
   neg = jnp.finfo(F32).min
-  scores_NxKxGxS = jnp.sum(q[..., None] * k_NxKxExS[:, :, None].astype(F32), axis=3)
+  scores_NxKxGxS = jnp.einsum("nkge,nkes->nkgs", q, k_NxKxExS.astype(F32))
   scores_NxKxGxS = jnp.where(mask_NxS[:, None, None], scores_NxKxGxS, neg)
   score_new_NxKxG = jnp.sum(q * k_new_NxKxE[:, :, None].astype(F32), axis=-1)
   score_new_NxKxG = jnp.where(new_valid_N[:, None, None], score_new_NxKxG, neg)
@@ -263,7 +264,7 @@ def _decode_attention(q_NxKxGxE, k_NxKxExS, v_NxKxSxE, k_new_NxKxE, v_new_NxKxE,
   p_NxKxGxS = jnp.exp(scores_NxKxGxS - top[..., None])
   p_new_NxKxG = jnp.exp(score_new_NxKxG - top)
   denom = jnp.sum(p_NxKxGxS, axis=-1) + p_new_NxKxG
-  out = jnp.sum(p_NxKxGxS[..., None] * v_NxKxSxE[:, :, None].astype(F32), axis=3)
+  out = jnp.einsum("nkgs,nkse->nkge", p_NxKxGxS, v_NxKxSxE.astype(F32))
   out = out + p_new_NxKxG[..., None] * v_new_NxKxE[:, :, None].astype(F32)
   if prefix_kv is not None:
     p_BxAxKxGxP = jnp.exp(scores_BxAxKxGxP - top.reshape(B, N // B, K, G)[..., None])

@@ -54,7 +54,7 @@ from spark_jax.world import task as task_lib
 from spark_jax.world import tokenizer as world_tokenizer
 
 
-_VERSION = 3  # 3: teacher graders recompute each step and follow the convention on their own judgments
+_VERSION = 4  # 4: a verification block checks a step as "a op b = r; c - r = d"
 
 
 def fingerprint(config) -> str:
