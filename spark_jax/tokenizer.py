@@ -51,6 +51,16 @@ def first_difference(got: str, expected: str, context: int = 40) -> str:
           f"{expected[lo:k + context]!r}")
 
 
+def vocabulary_difference(a: "Tokenizer", b: "Tokenizer") -> str | None:
+  """None when two tokenizers spell every id with the same bytes; else a short description of the first
+  difference (for errors that name both models)."""
+  ta, tb = a.token_bytes_table(), b.token_bytes_table()
+  if ta == tb:
+    return None
+  first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+  return f"{len(ta)} vs {len(tb)} ids; first difference at id {first}"
+
+
 class TokenizerNotFoundError(OSError):
   """A tokenizer could not be found locally nor fetched from the Hugging Face Hub."""
 

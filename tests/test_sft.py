@@ -466,3 +466,30 @@ def test_lr_schedule_values():
   np.testing.assert_allclose([float(none(0)), float(none(5)), float(none(10))], [1e-3, 5e-4, 0.0], atol=1e-9)
   with pytest.raises(ValueError, match="schedule='linear'"):
     step_lib.make_optimizer(cfg, lr=1e-3, total_steps=10, schedule="linear")
+
+
+def test_fine_tuning_with_another_tokenizer_is_an_error(full_run, tmp_path, tok_dir, data_files):
+  """A checkpoint that ships its tokenizer, fine-tuned with config.tokenizer pointing at another vocabulary,
+  would learn from ids its embeddings never saw: the job names both and stops before training."""
+  from tokenizers import Tokenizer as HFTokenizer, decoders, models as tok_models, pre_tokenizers, trainers
+  other = tmp_path / "other_tokenizer"
+  other.mkdir()
+  tok = HFTokenizer(tok_models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(["a different corpus, a different list of merges"] * 8, trainer)
+  tok.save(str(other / "tokenizer.json"))
+  for name in ("tokenizer_config.json",):
+    (other / name).write_bytes(open(os.path.join(tok_dir, name), "rb").read())
+  export = full_run[1]["export_dir"]
+  c = _config(tmp_path / "run", str(other), data_files)
+  c.model.name, c.model.init = export, "pretrained"
+  with pytest.raises(ValueError, match=r"config.tokenizer=.*and the tokenizer of checkpoint .* differ \(.*first "
+                                       r"difference at id \d+\)"):
+    sft.run_sft(c)
+  c = _config(tmp_path / "run_same", tok_dir, data_files)  # the checkpoint's own vocabulary passes the check
+  c.model.name, c.model.init = export, "pretrained"
+  from spark_jax.tokenizer import Tokenizer
+  sft._check_checkpoint_tokenizer(Tokenizer.from_pretrained(tok_dir), export, c)

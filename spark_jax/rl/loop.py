@@ -101,13 +101,13 @@ def check_budget(cfg, max_prompt: int, max_new: int, which: str) -> None:
 
 def check_same_tokenizer(policy_tok, prm_tok, policy_name: str, prm_name: str) -> None:
   """The in-graph reward feeds policy ids to the PRM: both token->bytes tables must be identical."""
-  a, b = policy_tok.token_bytes_table(), prm_tok.token_bytes_table()
-  if a != b:
-    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+  from spark_jax.tokenizer import vocabulary_difference
+  difference = vocabulary_difference(policy_tok, prm_tok)
+  if difference:
     raise ValueError(
-        f"policy {policy_name!r} and PRM {prm_name!r} have different tokenizers ({len(a)} vs {len(b)} ids; first "
-        f"difference at id {first}); the in-graph reward needs one shared tokenizer. Use a PRM trained from the "
-        "policy's tokenizer, or set config.reward.in_graph=False to score on the host.")
+        f"policy {policy_name!r} and PRM {prm_name!r} have different tokenizers ({difference}); the in-graph "
+        "reward needs one shared tokenizer. Use a PRM trained from the policy's tokenizer, or set "
+        "config.reward.in_graph=False to score on the host.")
 
 
 # ------------------------------------------------------------------------------------------------- run

@@ -83,6 +83,20 @@ def _model_source(config) -> tuple[Any, str | None]:
     return hf_io.config_from_hf(json.load(f)), directory
 
 
+def _check_checkpoint_tokenizer(tokenizer, ckpt_dir: str | None, config) -> None:
+  """A pretrained checkpoint fine-tuned with another tokenizer learns from scrambled embeddings, silently:
+  when the checkpoint ships its own tokenizer, config.tokenizer must spell every id the same way."""
+  from spark_jax.tokenizer import Tokenizer, vocabulary_difference
+  if not ckpt_dir or not config.tokenizer or not os.path.exists(os.path.join(ckpt_dir, "tokenizer.json")):
+    return
+  difference = vocabulary_difference(tokenizer, Tokenizer.from_pretrained(ckpt_dir))
+  if difference:
+    raise ValueError(f"config.tokenizer={config.tokenizer!r} and the tokenizer of checkpoint {ckpt_dir!r} "
+                     f"(config.model.name={config.model.name!r}) differ ({difference}); fine-tuning with another "
+                     "tokenizer feeds the model ids it never learnt. Leave config.tokenizer empty to use the "
+                     "checkpoint's own, or start from a checkpoint trained with this tokenizer.")
+
+
 def _global(local: dict[str, np.ndarray], sharding, global_rows: int, row_axis: int) -> dict[str, jax.Array]:
   """Process-local numpy rows -> global jax.Arrays sharded over the batch axis."""
   out = {}
@@ -180,6 +194,7 @@ def run_sft(config) -> dict:
     raise ValueError(f"config.tokenizer is empty and model {config.model.name!r} (init='random') has no "
                      "checkpoint directory to take one from; set config.tokenizer to a tokenizer directory.")
   tokenizer = Tokenizer.from_pretrained(tok_dir)
+  _check_checkpoint_tokenizer(tokenizer, ckpt_dir, config)
   train_ex, eval_ex, stats = _load_data(config, tokenizer, workdir, cfg.vocab_size)
   boundaries = data_lib.bucket_boundaries(int(config.max_length), tuple(config.bucket_boundaries),
                                           int(config.min_bucket))
