@@ -84,15 +84,14 @@ def test_verification_restates_each_written_step_before_its_verdict():
   assert "## Step 2: an unreadable step\n" in verification and "## Step 3: an extra step\n" in verification
   with pytest.raises(ValueError, match="2 verdicts for 3 written steps"):
     task.render_verification(p, text, [False, False], False)
-  # The teacher grader recomputes (here without miscalculating), states its result before the written one, and
-  # subtracts the two (mod 10): the step's check is then the one token "0".
+  # The teacher grader recomputes (here without miscalculating) and states its result before the written one.
   right = "Step 1: <step> 7 + 5 = 2</step>\n\nStep 2: <step> 2 * 3 = 6</step>"
   wrong = "Step 1: <step> 7 + 5 = 3</step>\n\nStep 2: <step> 3 * 3 = 9</step>"
   assert task.noisy_verification(p, right, random.Random(0), 1.0).startswith(
-      "## Step 1: 7 + 5 = 2; 2 - 2 = 0\n**This step is correct.**\n\n## Step 2: 2 * 3 = 6; 6 - 6 = 0\n")
+      "## Step 1: 7 + 5 = 2; written 2\n**This step is correct.**\n\n## Step 2: 2 * 3 = 6; written 6\n")
   assert task.noisy_verification(p, wrong, random.Random(0), 1.0) == (
-      "## Step 1: 7 + 5 = 2; 3 - 2 = 1\n**This step is incorrect.**\n\n"
-      "## Step 2: 3 * 3 = 9; 9 - 9 = 0\n**This step is incorrect.**\n\n"
+      "## Step 1: 7 + 5 = 2; written 3\n**This step is incorrect.**\n\n"
+      "## Step 2: 3 * 3 = 9; written 9\n**This step is incorrect.**\n\n"
       "**Verification: Is the answer correct (Yes/No)? No**")
 
 

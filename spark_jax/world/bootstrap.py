@@ -54,7 +54,7 @@ from spark_jax.world import task as task_lib
 from spark_jax.world import tokenizer as world_tokenizer
 
 
-_VERSION = 4  # 4: a verification block checks a step as "a op b = r; c - r = d"
+_VERSION = 4  # 4: world-small models
 
 
 def fingerprint(config) -> str:

@@ -16,9 +16,8 @@ Texts (all markers are the project's, byte for byte):
                   and keeps the steps (the think stripping of Stage I would otherwise erase them); it is
                   also exactly what `processbench.render_steps` writes for the held-out set's cases (the
                   "Step k: " prefix and the blank-line separator), so a PRM sees one layout everywhere.
-  verification    one block per written step, `## Step k: a op b = r; c - r = d` (the grader's own result r,
-                  the written result c, their difference d mod the modulus), closed by the step marker,
-                  then the final verdict line (`spark_jax.text.rm`).
+  verification    one `## Step k: <written step k restated>` block per written step closed by the step
+                  marker, then the final verdict line (`spark_jax.text.rm`).
 
 Truth convention (the project's, see the verifier's worked example): a step is correct iff it and every
 step before it are correct, so every step from the first error on is incorrect, even when its own
@@ -42,7 +41,7 @@ OPS = ("+", "-", "*")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 STEP_OPEN, STEP_CLOSE = "<step>", "</step>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-CHECK_WORD = " ="  # a verification block's "a op b = r; c - r = d" (render_verification)
+CHECK_WORD = " ="  # a verification block's "a op b = r; written c" (render_verification)
 
 # One written step: "<step>7 + 5 = 2</step>" (spaces optional), numbered or not outside the tags.
 _STEP_RE = re.compile(r"<step>\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*</step>")
@@ -231,13 +230,10 @@ def process_complete(problem: Problem, text: str) -> bool:
 def render_verification(problem: Problem, solution_text: str, verdicts: Sequence[bool], final: bool,
                         recomputed: Sequence[int | None] | None = None) -> str:
   """A teacher verification of `solution_text`: block k restates written step k as `a op b = c` (or says it
-  is unreadable or extra), or, with the grader's own result r = `recomputed[k]`, as `a op b = r; c - r = d`
-  (c the written result, d their difference modulo the problem's modulus); then the marker of
-  `verdicts[k]`; then the final line.
-
-  Why the difference: a verdict that must compare two numbers written a few tokens apart was not learnt by
-  the world's small verifiers in any of our runs (docs/method.md §7.2), while `c - r = d` is a step of the
-  same arithmetic the model already computes, and after it the step's own check is one token: d = 0."""
+  is unreadable or extra), or, with the grader's own result r = `recomputed[k]`, as `a op b = r; written
+  c`; then the marker of `verdicts[k]`; then the final line. Recomputing the step puts the two results to
+  compare right before the verdict, so judging a step is a local comparison, as when a careful grader redoes
+  each step."""
   written = parse_steps(solution_text)
   if len(verdicts) != len(written) or not written:
     raise ValueError(f"render_verification: {len(verdicts)} verdicts for {len(written)} written steps "
@@ -250,8 +246,7 @@ def render_verification(problem: Problem, solution_text: str, verdicts: Sequence
     if recomputed is not None and recomputed[k] is not None and s is not None and k < len(problem.ops):
       # The grader's own result comes BEFORE the written one: with the written result just before it, a small
       # model learns to copy it instead of computing it, and judges every step correct.
-      r = recomputed[k]
-      title = f"{s.a} {s.op} {s.b}{CHECK_WORD} {r}; {s.c} - {r} = {apply('-', s.c, r, problem.modulus)}"
+      title = f"{s.a} {s.op} {s.b}{CHECK_WORD} {recomputed[k]}; written {s.c}"
     blocks.append(f"## Step {k + 1}: {title}\n{step_marker(verdicts[k])}")
   return "\n\n".join(blocks) + "\n\n" + final_verdict_line(final)
 
