@@ -10,10 +10,12 @@ real share of rewards must be non-zero and both outcomes must occur, so equality
 pass. `rlvr` is graded on the host on both paths; its check is math_verify's reward against the world's exact
 answers.
 
-NOT IN THE CI SUITE, and why: on today's quick world the learned rewards are all zero (the tiny PRM-CoT never
-says Yes on the tiny policy's rollouts; the world's models learn the formats, not the arithmetic), so the
-non-zero-share assertion fails for every learned type, and the run costs ~5 minutes per type plus ~11 minutes to
-train the world PRM. It moves back into tests/ once the world's models learn. Run it with the suite's fixtures:
+NOT YET IN THE CI SUITE. Measured 2026-12-03 on the world-small quick world (208 rows per type): every type
+has 0 reward and 0 advantage mismatches; non-zero shares prm_cot_outcome 0.303, prm_cot_step_avg 0.981,
+selective_advantage (and _half) 0.034, global_step (and _no_penalty) 0.303, random 0.505. The two selective
+types fail the 5 % non-zero bar (7 of 208 rows), so equality there rests on too few rewards. It costs about
+4 minutes with the world PRM cached (the `world_prm` fixture trains it first: a few minutes). It moves into
+tests/ once every type passes its bars. Run it with the suite's fixtures:
 
   python -m pytest -q -s benchmarks/rl_reward_equality.py -p tests.conftest
 """
@@ -121,8 +123,12 @@ def test_in_graph_reward_equals_the_host_reference(setup, reward_type, record_pr
       f"{r_graph[mismatch & ok][:10]} vs host {r_host[mismatch & ok][:10]}")
   assert not np.any(adv_mismatch & groups_ok), (
       f"{reward_type}: advantages differ on rows {np.flatnonzero(adv_mismatch & groups_ok)[:10]}")
-  # Equality on all-zero (or all-equal) rewards proves nothing: both outcomes must occur, in real shares.
-  assert 0.05 <= nonzero <= 0.95, f"{reward_type}: only {nonzero:.3f} of the rewards are non-zero"
+  # Equality on all-zero (or all-equal) rewards proves nothing: a real share must be non-zero and no single
+  # value may take almost every row (a step-average reward is non-zero whenever one step is judged correct, so
+  # "non-zero" alone cannot be the upper bound).
+  _, counts = np.unique(np.round(r_host, 6), return_counts=True)
+  assert nonzero >= 0.05, f"{reward_type}: only {nonzero:.3f} of the rewards are non-zero"
+  assert counts.max() <= 0.95 * N, f"{reward_type}: {counts.max()} of {N} rewards share one value"
   assert np.any(np.asarray(graph.advantages_NxR) != 0)
 
 
