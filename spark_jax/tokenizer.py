@@ -377,7 +377,7 @@ class Tokenizer:
   ) -> tuple[list[int], list[int]]:
     """`render_chat_with_assistant_mask` for a conversation whose prompt the caller has tokenized itself.
 
-    For prompts defined as ids rather than text (the reward model's piecewise prompt, rl/prm_prompt.py):
+    For prompts defined as ids rather than text (the reward model's piecewise prompt, text/rm_ids.py):
     `messages` ends with the one assistant turn to train on, and `prompt_ids` are the caller's ids of
     `messages[:-1]` rendered with the generation prompt. The reply is the text the full rendering has after
     that prompt (assistant content, end of turn, what the template writes after it), tokenized on its own and

@@ -55,6 +55,23 @@ def world():
 
 
 @pytest.fixture(scope="session")
+def world_rm(world):
+  """fmt -> the quick world's Stage II reward model of that format ("orm", "prm", "prm_cot") on step-consistency
+  labels, trained once per machine like `world_prm` (its export directory)."""
+  from configs import demo as demo_config
+  from spark_jax.world import demo
+  made = {}
+
+  def get(fmt: str) -> str:
+    if fmt not in made:
+      config = demo_config.get_config()
+      config.quick = True
+      made[fmt] = demo.world_prm(config, world, fmt=fmt)
+    return made[fmt]
+  return get
+
+
+@pytest.fixture(scope="session")
 def world_prm(world):
   """The quick world's Stage II PRM-CoT (step-consistency labels), trained once per machine from the `world`
   fixture's models by the demo's own Stage I and Stage II (spark_jax/world/demo.py `world_prm`); its export

@@ -192,10 +192,10 @@ def test_f1_on_real_data_trivial_predictors(rows):
 
 
 def test_prm_mode_sends_the_piecewise_prompt_ids(tmp_path, monkeypatch):
-  """The PRM is asked with the ids it was trained on (rl/prm_prompt.rm_prompt_ids), not the whole string's."""
+  """The PRM is asked with the ids it was trained on (text/rm_ids.rm_prompt_ids), not the whole string's."""
   from configs.processbench import get_config
   from spark_jax.evals import processbench_job
-  from spark_jax.rl.prm_prompt import rm_prompt_ids
+  from spark_jax.text.rm_ids import rm_prompt_ids
   from spark_jax.sampling import chat
   from spark_jax.text.rm import rm_prompt
   from spark_jax.tokenizer_qwen import load_qwen2_tokenizer

@@ -140,7 +140,7 @@ def job_files(tmp_path_factory):
   return str(d), data
 
 
-def _job_args(tok_dir, data, workdir, *extra):
+def _job_args(tok_dir, data, workdir, *extra, export="none"):
   return ["--config=configs/rl.py", f"--config.workdir={workdir}", "--config.policy.name=tiny-qwen2",
           "--config.policy.init=random", "--config.policy.dtype=float32", "--config.policy.remat=none",
           f"--config.tokenizer={tok_dir}", f"--config.data.train={data}", "--config.data.val=", "--config.data.template=bare",
@@ -148,7 +148,7 @@ def _job_args(tok_dir, data, workdir, *extra):
           "--config.prompts_per_step=4", "--config.group_size=4", "--config.max_prompt_tokens=64",
           "--config.max_response=16", "--config.lr=0.01", "--config.beta=0.01", "--config.mini_batches=2",
           f"--config.num_steps={STEPS}", "--config.checkpoint_every=1", "--config.progress_bar=False",
-          "--config.export_dir=none", *extra]
+          f"--config.export_dir={export}", *extra]
 
 
 def _main(args, **kw):
@@ -169,16 +169,17 @@ def _metrics(workdir):
   return last
 
 
-def test_rl_job_resumes_after_sigkill_with_identical_metrics(job_files, tmp_path):
+def test_rl_job_resumes_after_sigkill_with_identical_metrics_and_export(job_files, tmp_path):
   tok_dir, data = job_files
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
-  done = _main(_job_args(tok_dir, data, ref), timeout=900)
+  done = _main(_job_args(tok_dir, data, ref, export=""), timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   reference = _metrics(ref)
   assert sorted(reference) == list(range(1, STEPS + 1))
   assert any(m["reward_mean"] > 0 for m in reference.values()), "rewards never varied: the test proves nothing"
   assert reference[STEPS]["kl"] > 0  # the policy moved away from its reference
-  proc = subprocess.Popen([sys.executable, "-m", "spark_jax.main", *_job_args(tok_dir, data, killed)], cwd=REPO,
+  proc = subprocess.Popen([sys.executable, "-m", "spark_jax.main", *_job_args(tok_dir, data, killed, export="")],
+                          cwd=REPO,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   ckpts = os.path.join(killed, "checkpoints")
@@ -190,7 +191,7 @@ def test_rl_job_resumes_after_sigkill_with_identical_metrics(job_files, tmp_path
   assert proc.poll() is None, "the job finished before it could be killed; make the run longer"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  again = _main(_job_args(tok_dir, data, killed), timeout=900)
+  again = _main(_job_args(tok_dir, data, killed, export=""), timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   resumed = _metrics(killed)
   assert sorted(resumed) == sorted(reference)
@@ -199,6 +200,35 @@ def test_rl_job_resumes_after_sigkill_with_identical_metrics(job_files, tmp_path
       assert resumed[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
   with open(os.path.join(killed, "summary.json")) as f:
     assert json.load(f)["final_step"] == STEPS
+  _check_export(os.path.join(ref, "export"), os.path.join(killed, "export"), tok_dir)
+
+
+def _check_export(export, resumed_export, tok_dir):
+  """The final policy as an HF checkpoint: transformers reloads it with our logits, it is the trained policy
+  (not its random init), and the killed-and-resumed run exports the same weights."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+  import transformers
+  from spark_jax import models
+  from spark_jax.models.load import load_model
+  from spark_jax.tokenizer import Tokenizer
+
+  assert os.path.exists(os.path.join(export, "tokenizer.json"))
+  ids = Tokenizer.from_pretrained(tok_dir).encode("What is 3 + 4? \\boxed{7}")
+  hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+  with torch.no_grad():
+    ref_logits = hf(torch.tensor([ids])).logits.numpy()
+  cfg, params = models.from_pretrained(export)
+  ours = np.asarray(models.forward(cfg, params, jnp.asarray([ids])))
+  np.testing.assert_allclose(ours, ref_logits, atol=2e-4, rtol=1e-4)
+  _, init_params, _ = load_model("tiny-qwen2", init="random", dtype="float32", mesh=None, seed=0, remat="none")
+  moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+           for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(init_params))]
+  assert len(moved) == len(jax.tree.leaves(params)) and max(moved) > 1e-3, "the export is the untrained init"
+  _, resumed = models.from_pretrained(resumed_export)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
 
 
 def test_rl_job_sigterm_checkpoints_and_exits_cleanly(job_files, tmp_path):

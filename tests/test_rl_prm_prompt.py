@@ -7,6 +7,7 @@ import pytest
 
 from spark_jax.rl import automata
 from spark_jax.rl import prm_prompt
+from spark_jax.text import rm_ids
 from spark_jax.rl.rewards import truncate_after_answer
 from spark_jax.stage1 import aggregate, formats
 from spark_jax.text.rm import RM_FORMATS, rm_prompt
@@ -31,17 +32,17 @@ def tok(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["prm_cot", "orm"])
 def test_ids_decode_to_the_chat_rendered_prompt(tok, fmt):
   for problem, solution in zip(PROBLEMS, RESPONSES):
-    ids = prm_prompt.rm_prompt_ids(tok, fmt, problem, solution)
+    ids = rm_ids.rm_prompt_ids(tok, fmt, problem, solution)
     text = tok.apply_chat_template([{"role": "user", "content": rm_prompt(fmt, problem, solution)}], tokenize=False)
     assert tok.decode(ids) == text
-    assert prm_prompt.rm_prompt_ids(tok, fmt, problem, tok.encode(solution)) == ids  # ids in = text in
+    assert rm_ids.rm_prompt_ids(tok, fmt, problem, tok.encode(solution)) == ids  # ids in = text in
 
 
 def test_graph_packing_equals_host_ids(tok):
   G = 2
   fmt = "prm_cot"
   template = prm_prompt.build_template(tok, fmt)
-  prob_rows = [prm_prompt.problem_ids(tok, p) for p in PROBLEMS]
+  prob_rows = [rm_ids.problem_ids(tok, p) for p in PROBLEMS]
   Q = max(map(len, prob_rows))
   problems = np.zeros((len(PROBLEMS), Q), np.int32)
   for i, r in enumerate(prob_rows):
@@ -58,7 +59,7 @@ def test_graph_packing_equals_host_ids(tok):
                                                           responses, cut, G)
   packed, n = np.asarray(packed), np.asarray(n)
   for i, text in enumerate(RESPONSES):
-    host = prm_prompt.rm_prompt_ids(tok, fmt, PROBLEMS[i // G], resp_rows[i][:int(cut[i])])
+    host = rm_ids.rm_prompt_ids(tok, fmt, PROBLEMS[i // G], resp_rows[i][:int(cut[i])])
     assert n[i] == len(host)
     assert packed[i, packed.shape[1] - n[i]:].tolist() == host
     assert (packed[i, :packed.shape[1] - n[i]] == 0).all()
@@ -69,7 +70,7 @@ def test_graph_packing_equals_host_ids(tok):
 def test_count_non_canonical(tok):
   text = RESPONSES[0]
   per_char = [i for ch in text for i in tok.encode(ch)]
-  assert prm_prompt.count_non_canonical(tok, [tok.encode(text), per_char, per_char]) == 2
+  assert rm_ids.count_non_canonical(tok, [tok.encode(text), per_char, per_char]) == 2
 
 
 def test_pack_rejects_mismatched_groups(tok):
@@ -110,7 +111,7 @@ def _tokenized(qwen, row: dict, where: str = "rows.jsonl:1") -> tuple[list[int],
 def test_sft_row_trains_on_the_piecewise_prompt_ids(qwen, fmt):
   row = _sft_row(fmt)
   ids, mask = _tokenized(qwen, row)
-  prompt = prm_prompt.rm_prompt_ids(qwen, fmt, SFT_PROBLEM, SFT_SOLUTION)
+  prompt = rm_ids.rm_prompt_ids(qwen, fmt, SFT_PROBLEM, SFT_SOLUTION)
   # Today's whole-string rendering: its prompt part differs from the pieces, its reply part is the reference.
   whole_ids, whole_mask = qwen.render_chat_with_assistant_mask(row["messages"])
   whole_prompt = qwen.apply_chat_template(row["messages"][:1])

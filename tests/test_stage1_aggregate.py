@@ -361,7 +361,7 @@ def test_sft_rows_from_record():
       {"role": "assistant", "content": "No"}]
   assert (orm["variant"], orm["problem_id"], orm["solution_id"]) == ("step_consistency", "p1", "p1-s0")
   assert orm["labels"] == {"steps": [T, F], "final": False}
-  # The trainer builds the user turn's ids from these parts (rl/prm_prompt.rm_prompt_ids), not from its text.
+  # The trainer builds the user turn's ids from these parts (text/rm_ids.rm_prompt_ids), not from its text.
   assert [r["rm_prompt"] for r in rows] == [
       {"format": f, "problem": "What is 2+2?", "solution": "Step 1: 2+2=5\nAnswer: 5"}
       for f in ("orm", "prm", "prm_cot", "think_prm")]

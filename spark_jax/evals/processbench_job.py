@@ -2,7 +2,7 @@
 
 Modes:
   prm     a generative reward model trained by spark_jax (formats prm, prm_cot, think_prm): the PRM prompt
-          over the steps rendered as `Step k: ...` (D8), built as ids by `rl.prm_prompt.rm_prompt_ids` (the
+          over the steps rendered as `Step k: ...` (D8), built as ids by `text.rm_ids.rm_prompt_ids` (the
           construction of the SFT rows and the RL reward), greedy, parsed with the format's own parser; the
           prediction is the first step judged incorrect (or -1).
   critic  any instruct model with ProcessBench's own protocol (indexed paragraphs, the earliest-error index
@@ -18,7 +18,7 @@ import os
 
 from spark_jax import io
 from spark_jax.evals import processbench as pb
-from spark_jax.rl.prm_prompt import rm_prompt_ids
+from spark_jax.text.rm_ids import rm_prompt_ids
 from spark_jax.text import verdicts as parsing
 
 PRM_FORMATS = ("prm", "prm_cot", "think_prm")

@@ -28,7 +28,7 @@ from ml_collections import ConfigDict
 
 from spark_jax import sharding as shd
 from spark_jax.rl import policy as policy_lib
-from spark_jax.rl import prm_prompt
+from spark_jax.text import rm_ids
 from spark_jax.rl import programs as programs_lib
 from spark_jax.rl import step as rl_step
 
@@ -326,9 +326,9 @@ def run_rl(config) -> dict:
     lengths_N = np.asarray(roll.response_lengths_N)
     tokens = float(np.sum(pl)) * G + float(np.sum(lengths_N))
     # Sampled ids that are not the canonical tokenisation of their own text: fed to the PRM as they are
-    # (rl/prm_prompt.py), so their share says how far the PRM's inputs drift from what it saw in training.
+    # (text/rm_ids.py), so their share says how far the PRM's inputs drift from what it saw in training.
     response_tokens = np.asarray(roll.response_tokens_NxR)
-    m["non_canonical_responses"] = prm_prompt.count_non_canonical(
+    m["non_canonical_responses"] = rm_ids.count_non_canonical(
         tokenizer, [response_tokens[i, :lengths_N[i]] for i in range(len(lengths_N))]) / max(len(lengths_N), 1)
     m["tokens_per_s_per_device"] = tokens / dt / jax.device_count()
     return st, m

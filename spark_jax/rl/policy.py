@@ -130,9 +130,9 @@ def encode_prompts(tokenizer, prompts: Sequence[RLPrompt], *, template: str, max
   """(policy prompt ids, raw problem ids) per prompt; a prompt over `max_prompt_tokens` is an error naming it.
 
   The problem's own ids go to the PRM prompt in the graph, tokenized alone as the PRM's prompt builder
-  expects (see rl/prm_prompt.py).
+  expects (see text/rm_ids.py).
   """
-  from spark_jax.rl import prm_prompt  # pylint: disable=g-import-not-at-top
+  from spark_jax.text import rm_ids  # pylint: disable=g-import-not-at-top
   policy_ids, problem_ids = [], []
   for p in prompts:
     ids = policy_prompt_ids(tokenizer, p.problem, template=template)
@@ -140,5 +140,5 @@ def encode_prompts(tokenizer, prompts: Sequence[RLPrompt], *, template: str, max
       raise ValueError(f"{p.where}: the policy prompt has {len(ids)} tokens, over max_prompt_tokens="
                        f"{max_prompt_tokens}; raise config.max_prompt_tokens or drop the row.")
     policy_ids.append(ids)
-    problem_ids.append(prm_prompt.problem_ids(tokenizer, p.problem))
+    problem_ids.append(rm_ids.problem_ids(tokenizer, p.problem))
   return policy_ids, problem_ids

@@ -4,7 +4,7 @@
   * the in-graph path: one call of the rollout-and-reward program;
   * `rlvr`: rollouts + gate, math_verify grading on the host, then the advantage program;
   * the host reference path (`reward.in_graph=False`): rollouts + gate in the graph, then decode, the PRM
-    prompt as ids (rl/prm_prompt.rm_prompt_ids, the ids the graph packs), the PRM through the sampling
+    prompt as ids (text/rm_ids.rm_prompt_ids, the ids the graph packs), the PRM through the sampling
     engine, the rules of rl/rewards.py on text, the step ends from the token bytes
     (rl/rewards.step_end_tokens) and the same advantage functions. Tests compare
     it with the in-graph path; it is also the path for a PRM with another tokenizer;
@@ -144,17 +144,17 @@ class Programs:
   def _host_prm(self, prm_params, texts: list[str], ids: list[list[int]], problems: Sequence[str], prm_tokenizer,
                 token_bytes, special) -> list[str | None]:
     """PRM outputs for the rows the gate lets through (all rows with prm_all_rows), via the sampling engine."""
-    from spark_jax.rl import prm_prompt
     from spark_jax.rl import rewards as rewards_lib
+    from spark_jax.text import rm_ids
     from spark_jax.sampling.engine import SamplingEngine
     s = self.settings
     out: list[str | None] = [None] * len(texts)
     ask = [i for i, t in enumerate(texts) if s.prm_all_rows or rewards_lib.format_ok(t)]
     if not ask:
       return out
-    # The one canonical piecewise prompt (rl/prm_prompt.py): the response enters as its sampled ids, cut
+    # The one canonical piecewise prompt (text/rm_ids.py): the response enters as its sampled ids, cut
     # after the token in which its last `</answer>` ends, exactly as the graph packs it.
-    prompts = [prm_prompt.rm_prompt_ids(prm_tokenizer, s.prm_format, problems[i // s.group_size],
+    prompts = [rm_ids.rm_prompt_ids(prm_tokenizer, s.prm_format, problems[i // s.group_size],
                                         ids[i][:_cut(ids[i], token_bytes, special)]) for i in ask]
     if self._engine is None:
       self._engine = SamplingEngine(self.prm_cfg, prm_params, mesh=self.mesh, progress=False)

@@ -69,7 +69,7 @@ class ChatModel:
     """One list of `num_samples` completions per prompt, in order; special tokens are not decoded.
 
     `prompts` are complete prompt ids (chat template included): for prompts defined as ids rather than text,
-    such as the reward model's piecewise prompt (rl/prm_prompt.rm_prompt_ids).
+    such as the reward model's piecewise prompt (text/rm_ids.rm_prompt_ids).
     """
     from spark_jax.sampling.core import SamplingParams
     if not prompts:

@@ -17,7 +17,7 @@ Row format (one JSON object per line in the SFT files; this is what the Stage II
 The trainer applies the chat template of the base model and puts the loss on the assistant message only
 (D9). The user message is exactly the reward-model prompt used at RL time (docs/method.md §3.2), kept as text so
 the rows read like any other SFT data. `rm_prompt` marks the user turn as that prompt and holds its parts: the
-trainer tokenizes it piecewise with `rl.prm_prompt.rm_prompt_ids`, as ProcessBench and the RL reward do, so
+trainer tokenizes it piecewise with `text.rm_ids.rm_prompt_ids`, as ProcessBench and the RL reward do, so
 training and querying see the identical ids, not only the identical text (a whole-string tokenization merges
 tokens across the piece boundaries). The trainer checks that the user message equals
 `rm_prompt(format, problem, solution)`. Targets per format:

@@ -6,7 +6,7 @@ Stages (each a plain function, so tests and the RL loop can reuse any of them):
    directory, a glob) or a Hub dataset id, yielding `(where, row)` so every row error names its source.
 2. `tokenize_rows`: filter by `format`/`variant`, render with the chat template and mark the assistant tokens
    (`Tokenizer.render_chat_with_assistant_mask`), handle sequences longer than `max_length`. A reward-model
-   row (one with an `rm_prompt` field, stage1/formats.py) takes its prompt ids from `rl.prm_prompt.rm_prompt_ids`,
+   row (one with an `rm_prompt` field, stage1/formats.py) takes its prompt ids from `text.rm_ids.rm_prompt_ids`,
    the piecewise construction ProcessBench and the RL reward use, and its reply from
    `Tokenizer.render_reply_after_prompt_ids`: the PRM trains on the ids it is later queried with. Result: one flat
    token array + offsets (`TokenizedExamples`), cached in the workdir as .npz so a restart does not re-tokenize.
@@ -47,7 +47,7 @@ import grain
 import numpy as np
 
 from spark_jax import io
-from spark_jax.rl.prm_prompt import rm_prompt_ids
+from spark_jax.text.rm_ids import rm_prompt_ids
 from spark_jax.text.rm import RM_FORMATS, rm_prompt
 from spark_jax.tokenizer import first_difference
 
@@ -155,7 +155,7 @@ def _rm_prompt_fields(where: str, row: Mapping, messages: list[dict]) -> tuple[s
 
 def _render_row(where: str, row: Mapping, messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
   """Ids and loss mask of one row. A reward-model row's prompt is the canonical piecewise ids the PRM also
-  sees at ProcessBench and RL time (rl/prm_prompt.py); any other row is its chat rendering tokenized whole."""
+  sees at ProcessBench and RL time (text/rm_ids.py); any other row is its chat rendering tokenized whole."""
   if row.get("rm_prompt") is None:  # parquet and hub datasets give a null where a row lacks the field
     return tokenizer.render_chat_with_assistant_mask(messages)
   fmt, problem, solution = _rm_prompt_fields(where, row, messages)

@@ -1,41 +1,36 @@
 """The in-graph reward equals the host reference (`reward.in_graph=False`) for every reward type, on the
 embedded world's trained models: the bootstrap generator as the policy (session fixture `world`) and the
-world's Stage II PRM-CoT as the PRM (session fixture `world_prm`), both trained once per machine and cached.
+world's Stage II reward model of the type's format, ORM, PRM or PRM-CoT on step-consistency labels (session
+fixture `world_rm`), each trained once per machine and cached.
 
 Each type runs both paths of `rl.programs.Programs.rollout_and_reward` from the same key on 26 prompts x 8
 rollouts = 208 rows: the same rollouts, then rewards and token advantages compared row by row. The rows where
 the in-graph rules deliberately narrow the host's (rl/automata.py: a PRM output with a second `</think>` or an
 unclosed `<think>`, non-ASCII text) are counted and must be a small share; every other row must agree. A
-real share of rewards must be non-zero and both outcomes must occur, so equality on all-zero rewards cannot
-pass. `rlvr` is graded on the host on both paths; its check is math_verify's reward against the world's exact
-answers.
+real share of rewards must be non-zero and no single value may take almost every row, so equality on
+all-zero rewards cannot pass. `rlvr` is graded on the host on both paths; its check is math_verify's reward
+against the world's exact answers.
 
-NOT YET IN THE CI SUITE. Measured 2026-12-03 on the world-small quick world (208 rows per type): every type
-has 0 reward and 0 advantage mismatches; non-zero shares prm_cot_outcome 0.303, prm_cot_step_avg 0.981,
-selective_advantage (and _half) 0.034, global_step (and _no_penalty) 0.303, random 0.505. The two selective
-types fail the 5 % non-zero bar (7 of 208 rows), so equality there rests on too few rewards. It costs about
-4 minutes with the world PRM cached (the `world_prm` fixture trains it first: a few minutes). It moves into
-tests/ once every type passes its bars. Run it with the suite's fixtures:
-
-  python -m pytest -q -s benchmarks/rl_reward_equality.py -p tests.conftest
+The prompts are 4-operation problems: the selective-advantage types force the reward to 0 below 4 policy
+steps (SPEC 5.7's strict penalty), so on the world's 2-4-operation mix only a third of the prompts could
+ever earn them a reward (measured 2026-12-03 on mixed prompts: 7 of 208 rewards non-zero).
 """
 
 import jax
 import numpy as np
 import pytest
 
+from spark_jax.rl import rewards
 from spark_jax.rl import step as rl_step
 
 B, G = 26, 8  # 208 rollouts per reward type
 MAX_RESPONSE, PRM_NEW = 96, 160
-# The types the fixture's PRM-CoT serves (its own format) and `random`. NOT YET COVERED: orm, prm_outcome and
-# prm_step_avg need a world ORM / PRM (the quick demo trains PRM-CoT only); scored by the PRM-CoT model their
-# verdicts do not parse (measured: orm 0 of 208 rewards non-zero), so equality there would prove nothing.
-LEARNED = [t for t in rl_step.REWARD_TYPES if t == "random" or rl_step.REWARD_FORMATS[t] == "prm_cot"]
+LEARNED = [t for t in rl_step.REWARD_TYPES if t != "rlvr"]
+SELECTIVE_STEPS = rewards.SELECTIVE_MIN_STEPS
 
 
 @pytest.fixture(scope="module")
-def setup(world, world_prm):
+def setup(world, world_rm):
   from configs import demo as demo_config
   from spark_jax import sharding as shd
   from spark_jax.rl import loop, policy
@@ -47,14 +42,17 @@ def setup(world, world_prm):
   mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
   spec = lambda name: loop.ConfigDict({"name": name, "init": "pretrained", "dtype": "float32", "remat": "none"})
   pcfg, pparams, _ = loop._load(spec(world["generator_dir"]), mesh, 0, "policy")
-  prm_cfg, prm_params, _ = loop._load(spec(world_prm), mesh, 1, "prm")
+  rms = {fmt: loop._load(spec(world_rm(fmt)), mesh, 1, fmt)[:2] for fmt in ("orm", "prm", "prm_cot")}
   tok = Tokenizer.from_pretrained(world["tokenizer_dir"])
-  problems = task.make_problems(777, B, tc, prefix="eq")
+  four = task.TaskConfig(modulus=tc.modulus, min_ops=SELECTIVE_STEPS, max_ops=SELECTIVE_STEPS,
+                         max_operand=tc.max_operand)
+  assert tc.min_ops <= SELECTIVE_STEPS <= tc.max_ops, "the policy was not trained on 4-operation problems"
+  problems = task.make_problems(777, B, four, prefix="eq")
   prompts = [policy.RLPrompt(i, "world", p.text, p.answer) for i, p in enumerate(problems)]
   pids, qids = policy.encode_prompts(tok, prompts, template="generator", max_prompt_tokens=256)
   pt, pl = loop.left_pad(pids, max(map(len, pids)))
   qt, ql = loop.right_pad(qids, max(map(len, qids)))
-  return dict(pcfg=pcfg, pparams=pparams, prm_cfg=prm_cfg, prm_params=prm_params, tok=tok, mesh=mesh,
+  return dict(pcfg=pcfg, pparams=pparams, rms=rms, tok=tok, mesh=mesh,
               problems=problems, pt=pt, pl=pl, qt=qt, ql=ql)
 
 
@@ -67,16 +65,21 @@ def _programs(s, reward_type):
       temperature=1.0, top_p=1.0, top_k=0, prm_max_new_tokens=PRM_NEW, prm_stop_token_ids=tuple(tok.end_of_turn_ids),
       rollout_chunk=0, prm_chunk=0, rlvr_gate=False, orm_prompt_bug=False, prm_all_rows=False, adv_scale="group")
   tx, schedule = train_step.make_optimizer(s["pcfg"], lr=1e-5, total_steps=1, warmup_ratio=0.0, schedule="constant")
-  programs = programs_lib.Programs(s["pcfg"], s["prm_cfg"], settings, rl_step.UpdateSettings(), tx, schedule,
+  programs = programs_lib.Programs(s["pcfg"], _rm(s, reward_type)[0], settings, rl_step.UpdateSettings(), tx, schedule,
                                    s["mesh"])
   tables = programs_lib.make_reward_tables(tok, settings, tok, s["pcfg"].vocab_size)
   return programs, tables
 
 
+def _rm(s, reward_type):
+  """(config, params) of the reward model serving `reward_type`; the PRM-CoT for rlvr / random (unused)."""
+  return s["rms"][rl_step.REWARD_FORMATS[reward_type] or "prm_cot"]
+
+
 def _run(s, reward_type, in_graph, key=jax.random.PRNGKey(11)):
   programs, tables = _programs(s, reward_type)
   roll, _ = programs.rollout_and_reward(
-      s["pparams"], s["prm_params"], tables, s["pt"], s["pl"], s["qt"], s["ql"], key,
+      s["pparams"], _rm(s, reward_type)[1], tables, s["pt"], s["pl"], s["qt"], s["ql"], key,
       golds=[p.answer for p in s["problems"]], problems=[p.text for p in s["problems"]], tokenizer=s["tok"],
       prm_tokenizer=s["tok"], in_graph=in_graph)
   return programs, jax.device_get(roll)
