@@ -84,15 +84,25 @@ def test_verification_restates_each_written_step_before_its_verdict():
   assert "## Step 2: an unreadable step\n" in verification and "## Step 3: an extra step\n" in verification
   with pytest.raises(ValueError, match="2 verdicts for 3 written steps"):
     task.render_verification(p, text, [False, False], False)
-  # The teacher grader recomputes (here without miscalculating) and states its result before the written one.
+  # The teacher grader recomputes (here without miscalculating), states its result before the written one,
+  # and subtracts them modulo 10, so the verdict follows from the difference (and the earlier verdicts).
   right = "Step 1: <step> 7 + 5 = 2</step>\n\nStep 2: <step> 2 * 3 = 6</step>"
   wrong = "Step 1: <step> 7 + 5 = 3</step>\n\nStep 2: <step> 3 * 3 = 9</step>"
   assert task.noisy_verification(p, right, random.Random(0), 1.0).startswith(
-      "## Step 1: 7 + 5 = 2; written 2\n**This step is correct.**\n\n## Step 2: 2 * 3 = 6; written 6\n")
+      "## Step 1: 7 + 5 = 2; written 2; 2 - 2 = 0\n**This step is correct.**\n\n"
+      "## Step 2: 2 * 3 = 6; written 6; 6 - 6 = 0\n")
   assert task.noisy_verification(p, wrong, random.Random(0), 1.0) == (
-      "## Step 1: 7 + 5 = 2; written 3\n**This step is incorrect.**\n\n"
-      "## Step 2: 3 * 3 = 9; written 9\n**This step is incorrect.**\n\n"
+      "## Step 1: 7 + 5 = 2; written 3; 3 - 2 = 1\n**This step is incorrect.**\n\n"
+      "## Step 2: 3 * 3 = 9; written 9; 9 - 9 = 0\n**This step is incorrect.**\n\n"
       "**Verification: Is the answer correct (Yes/No)? No**")
+  # The other layout (the tokenizer corpus's): no difference; an unknown one is an error.
+  assert task.noisy_verification(p, wrong, random.Random(0), 1.0, check="written").startswith(
+      "## Step 1: 7 + 5 = 2; written 3\n**This step is incorrect.**")
+  with pytest.raises(ValueError, match="check='sum'"):
+    task.noisy_verification(p, wrong, random.Random(0), 1.0, check="sum")
+  # Wrap-around: 1 - 8 is 3 modulo 10, not -7.
+  assert "; written 1; 1 - 8 = 3\n" in task.noisy_verification(
+      task.Problem("y", 4, (("*", 2),), 10), "Step 1: <step> 4 * 2 = 1</step>", random.Random(0), 1.0)
 
 
 def test_processbench_cases_load_and_render_like_a_solution(tmp_path):

@@ -54,7 +54,7 @@ from spark_jax.world import task as task_lib
 from spark_jax.world import tokenizer as world_tokenizer
 
 
-_VERSION = 4  # 4: world-small models
+_VERSION = 5  # 4: world-small models; 5: verifications check "c - r = d"
 
 
 def fingerprint(config) -> str:

@@ -16,8 +16,9 @@ Texts (all markers are the project's, byte for byte):
                   and keeps the steps (the think stripping of Stage I would otherwise erase them); it is
                   also exactly what `processbench.render_steps` writes for the held-out set's cases (the
                   "Step k: " prefix and the blank-line separator), so a PRM sees one layout everywhere.
-  verification    one `## Step k: <written step k restated>` block per written step closed by the step
-                  marker, then the final verdict line (`spark_jax.text.rm`).
+  verification    one `## Step k: a op b = r; written c; c - r = d` block per written step (the grader's
+                  own result r, the written one c, their difference d) closed by the step marker, then the
+                  final verdict line (`spark_jax.text.rm`).
 
 Truth convention (the project's, see the verifier's worked example): a step is correct iff it and every
 step before it are correct, so every step from the first error on is incorrect, even when its own
@@ -41,7 +42,8 @@ OPS = ("+", "-", "*")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 STEP_OPEN, STEP_CLOSE = "<step>", "</step>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
-CHECK_WORD = " ="  # a verification block's "a op b = r; written c" (render_verification)
+CHECK_WORD = " ="  # a verification block's "a op b = r; written c; c - r = d" (render_verification)
+CHECK_STYLES = ("difference", "written")
 
 # One written step: "<step>7 + 5 = 2</step>" (spaces optional), numbered or not outside the tags.
 _STEP_RE = re.compile(r"<step>\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*</step>")
@@ -228,12 +230,21 @@ def process_complete(problem: Problem, text: str) -> bool:
 
 
 def render_verification(problem: Problem, solution_text: str, verdicts: Sequence[bool], final: bool,
-                        recomputed: Sequence[int | None] | None = None) -> str:
+                        recomputed: Sequence[int | None] | None = None, check: str = "difference") -> str:
   """A teacher verification of `solution_text`: block k restates written step k as `a op b = c` (or says it
-  is unreadable or extra), or, with the grader's own result r = `recomputed[k]`, as `a op b = r; written
-  c`; then the marker of `verdicts[k]`; then the final line. Recomputing the step puts the two results to
-  compare right before the verdict, so judging a step is a local comparison, as when a careful grader redoes
-  each step."""
+  is unreadable or extra), or, with the grader's own result r = `recomputed[k]`, checks it; then the marker of
+  `verdicts[k]`; then the final line.
+
+  check="difference" (the bootstrap's): `a op b = r; written c; c - r = d` with d = (c - r) mod the modulus,
+  so the verdict is "d is 0" (and no earlier step judged wrong): a function of the one token before it. Each
+  piece is a skill the generator already has (an operation's result, copying a written number, a
+  subtraction in its own step syntax). check="written": `a op b = r; written c`, the verdict a comparison of
+  two tokens; measured on world-small (2026-12-03): the verifier never learnt that comparison (its verdict
+  probability stayed at the base rate, 0.69, whether r = c or not, after 1,500 steps), hence the difference.
+  The world tokenizer's corpus is rendered with "written", so the tokenizer (and the generator trained on it)
+  does not change with this choice."""
+  if check not in CHECK_STYLES:
+    raise ValueError(f"render_verification: check={check!r}; use one of {CHECK_STYLES}.")
   written = parse_steps(solution_text)
   if len(verdicts) != len(written) or not written:
     raise ValueError(f"render_verification: {len(verdicts)} verdicts for {len(written)} written steps "
@@ -246,7 +257,10 @@ def render_verification(problem: Problem, solution_text: str, verdicts: Sequence
     if recomputed is not None and recomputed[k] is not None and s is not None and k < len(problem.ops):
       # The grader's own result comes BEFORE the written one: with the written result just before it, a small
       # model learns to copy it instead of computing it, and judges every step correct.
-      title = f"{s.a} {s.op} {s.b}{CHECK_WORD} {recomputed[k]}; written {s.c}"
+      r = recomputed[k]
+      title = f"{s.a} {s.op} {s.b}{CHECK_WORD} {r}; written {s.c}"
+      if check == "difference":
+        title += f"; {s.c} - {r}{CHECK_WORD} {(s.c - r) % problem.modulus}"
     blocks.append(f"## Step {k + 1}: {title}\n{step_marker(verdicts[k])}")
   return "\n\n".join(blocks) + "\n\n" + final_verdict_line(final)
 
@@ -265,7 +279,8 @@ def local_checks(problem: Problem, text: str) -> list[bool]:
   return checks
 
 
-def noisy_verification(problem: Problem, solution_text: str, rng: random.Random, step_accuracy: float) -> str | None:
+def noisy_verification(problem: Problem, solution_text: str, rng: random.Random, step_accuracy: float,
+                       check: str = "difference") -> str | None:
   """A verification by a grader that redoes each step's arithmetic and miscalculates with probability
   1 - `step_accuracy` (a uniformly drawn wrong result), independently per step. Its check of a step (the
   rest of `local_checks`, with its own result in place of the true one) is therefore right with probability
@@ -296,7 +311,7 @@ def noisy_verification(problem: Problem, solution_text: str, rng: random.Random,
     prev = s.c if s is not None else None
     ok = ok and judged
     verdicts.append(ok)
-  return render_verification(problem, solution_text, verdicts, all(verdicts), recomputed)
+  return render_verification(problem, solution_text, verdicts, all(verdicts), recomputed, check)
 
 
 def sample_step_error_solution(problem: Problem, rng: random.Random, step_error_rate: float) -> tuple[str, int]:
