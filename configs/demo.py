@@ -57,7 +57,7 @@ def get_config():
   # greedy held-out steps right (not every seed / tokenizer build gets there: docs/method.md §7.2). Verifier:
   # fine-tuned at lr 1e-3, it keeps the generator's arithmetic (recomputes 374 of 376 held-out steps right).
   config.bootstrap.generator_sft = _sft(num_steps=1000, global_batch=32, lr=3e-3)
-  config.bootstrap.verifier_sft = _sft(num_steps=500, global_batch=32, lr=1e-3)
+  config.bootstrap.verifier_sft = _sft(num_steps=1000, global_batch=32, lr=2e-3)
 
   config.stage1 = ConfigDict()
   config.stage1.problems = 96

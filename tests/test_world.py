@@ -195,3 +195,15 @@ def test_step_error_solutions_make_copying_the_written_result_a_bad_check():
     wrong += sum(s.c != task.apply(s.op, s.a, s.b, p.modulus) for s in steps)
     total += len(steps)
   assert 0.21 < wrong / total < 0.29, wrong / total  # ~1200 Bernoulli(0.25) draws: 5 sigma is 0.063
+
+
+def test_blind_guess_is_the_best_f1_without_reading_the_solution():
+  # Errors at step 0 twice and step 2 once, two correct cases: the guess names step 0 when it guesses an error.
+  cases = [{"label": x} for x in (0, 0, 2, -1, -1)]
+  s = task.blind_guess_scores(cases)
+  share = 2 / 3
+  best = max(2 * (1 - q / 1000) * share * (q / 1000) / ((1 - q / 1000) * share + q / 1000) for q in range(1, 1000))
+  assert s["f1"] == pytest.approx(100 * best, abs=1e-6) and (s["n"], s["n_error"], s["n_correct"]) == (5, 3, 2)
+  assert 0 < s["f1"] < 100 * share  # below a perfect error-step guess, above nothing
+  with pytest.raises(ValueError, match="0 erroneous and 2 correct"):
+    task.blind_guess_scores([{"label": -1}] * 2)

@@ -24,10 +24,11 @@ docs/method.md §1.1 and §7.2):
     step of 64 held-out problems right (greedy, loss 0.03); with today's tokenizer seed 0 stops at loss 0.12
     with 17 % of greedy steps right, seed 1 at loss 0.15, and 2,000 steps (seed 0) at loss 0.08, 16 %.
   verifier, 1,000 steps (from random weights, or fine-tuned from the generator; teacher graders that
-    recompute each step): it learns the format, the restatement and its own recomputation (from the
-    generator: right), but not the comparison of its result with the written one that decides the verdict:
-    its verdicts follow the step's position ("correct", then "incorrect"), 50-76 % per-step accuracy, the
-    base rate of the data. A teacher that wrote the written result before its check taught it to copy.
+    recompute each step and write `a op b = r; written c`): it learns the format, the restatement and its own
+    recomputation (from the generator: right), but not the comparison of its result with the written one that
+    decides the verdict: P("correct") stays at the data's base rate whether r = c or not (world-small, 500 and
+    1,500 steps). With the difference `c - r = d` written out (task.render_verification, this module's
+    version 5) the verdict is a read-out of d and is learnt: docs/method.md §7.2 has the measurements.
 
 Cache: training is deterministic given the settings, so with `bootstrap.cache=True` the models live in
 `$SPARK_JAX_CACHE/world/<fingerprint>` (`bootstrap_dir`), the fingerprint hashing every setting that shapes

@@ -200,6 +200,8 @@ def stage_processbench(config, results: dict) -> dict:
     done = boot.finished_summary(c.workdir)
     s = done or jobs.run(c)
     scores[name] = s["scores"][task_lib.PROCESSBENCH_SPLIT]
+  with open(os.path.join(data_dir, f"{task_lib.PROCESSBENCH_SPLIT}.json")) as f:
+    scores["blind_guess"] = task_lib.blind_guess_scores(json.load(f))  # the chance level, for the report
   summary = {"job": "processbench", "scores": scores}
   io.write_summary(root, summary)
   return summary

@@ -172,8 +172,13 @@ def claims(results: dict) -> list[tuple[str, str, str]]:
   if pbr:
     scores = pbr["scores"]
     trained = {k: s["f1"] for k, s in scores.items() if k.startswith("step_consistency/")}
+    chance = scores.get("blind_guess", {}).get("f1")
     for key, f1 in trained.items():
       fmt = key.split("/")[1]
+      if chance is not None:
+        out.append((f"the PRM ({fmt}) trained on step-SC data judges better than a blind guess (F1; the guess "
+                    "never reads the solution)", f"{_f(f1)} vs {_f(chance)}",
+                    "yes" if f1 is not None and f1 > chance else "no"))
       single = scores.get(f"single/{fmt}", {}).get("f1")
       if single is not None:
         out.append((f"a PRM ({fmt}) trained on step-SC data beats one trained on single verifications (F1)",

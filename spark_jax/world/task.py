@@ -377,6 +377,28 @@ def processbench_cases(problems: Sequence[Problem], seed: int, error_fraction: f
   return cases
 
 
+def blind_guess_scores(cases: Sequence[dict]) -> dict:
+  """ProcessBench scores (percent) of the best predictor that never reads a solution: it knows the labels'
+  distribution, says "no error" with probability q and otherwise names the most frequent first-error step,
+  q chosen for the highest expected F1. The chance level a PRM's F1 must clear (a model that does not parse
+  scores 0, below it). Keys as `evals.processbench.score`'s."""
+  labels = [int(c["label"]) for c in cases]
+  errors = [x for x in labels if x >= 0]
+  n_error, n_correct = len(errors), len(labels) - len(errors)
+  if not n_error or not n_correct:
+    raise ValueError(f"blind_guess_scores: {n_error} erroneous and {n_correct} correct cases; need both.")
+  share = max(errors.count(j) for j in set(errors)) / n_error
+  best = (0.0, 0.0, 0.0)
+  for i in range(1001):
+    q = i / 1000
+    acc_e, acc_c = (1 - q) * share, q
+    f1 = 2 * acc_e * acc_c / (acc_e + acc_c) if acc_e + acc_c else 0.0
+    best = max(best, (f1, acc_e, acc_c))
+  f1, acc_e, acc_c = best
+  return {"f1": 100 * f1, "acc_error": 100 * acc_e, "acc_correct": 100 * acc_c, "n": len(labels),
+          "n_error": n_error, "n_correct": n_correct, "parse_failure_rate": 0.0}
+
+
 def write_processbench(directory: str, cases: Sequence[dict], split: str = PROCESSBENCH_SPLIT) -> str:
   """Writes `<directory>/<split>.json`, loadable with `load_processbench(directory, splits=(split,))`."""
   from spark_jax import io
