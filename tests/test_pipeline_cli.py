@@ -73,10 +73,14 @@ def test_stage1_end_to_end_keeps_records_with_true_labels(world, tmp_path):
     assert truth and r["steps"] and all(isinstance(v, bool) for v in r["steps"]), (r, truth)
     hits += sum(a == t for a, t in zip(r["steps"], truth))
     total += len(truth)
-  # Not asserted: that these labels match the truth better than chance. At the quick bootstrap settings the
-  # world's verifier does not read the steps (its greedy verdicts are mostly "correct" whatever the step; see
-  # the bootstrap summary in world["verifier"]), so the measured rate is printed, not bounded.
-  print(f"step_consistency labels vs exact truth: {hits}/{total}; bootstrap verifier: {world['verifier']['greedy']}")
+  # The world's verifier judges steps (bootstrap: 100 % greedy, 92 % sampled at T = 0.8 on held-out steps), so
+  # the step-consistency labels of 5 verifications match the exact truth (measured 2026-12-03: 42 of 42 steps;
+  # labelling every step "correct" gets 38). The generator writes mostly right steps, so the bar is also that
+  # baseline.
+  always_correct = sum(sum(task.step_truth(problems[solutions[r["solution_id"]]["problem_id"]],
+                                           solutions[r["solution_id"]]["solution"])) for r in kept)
+  print(f"step_consistency labels vs exact truth: {hits}/{total}; all-'correct' labeller {always_correct}/{total}")
+  assert hits / total >= 0.9 and hits >= always_correct, (hits, always_correct, total)
 
   manifest_dir = os.path.join(workdir, "aggregate", "datasets")
   for variant in VARIANTS.split(","):
