@@ -55,6 +55,26 @@ def world():
 
 
 @pytest.fixture(scope="session")
+def export_matches_transformers():
+  """(HF export dir, token ids) -> transformers' logits for the ids, after asserting that our loader's logits
+  equal them (atol 2e-4): the export check the SFT and RL jobs share. torch is the test-time reference only."""
+  def check(export: str, ids):
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    import transformers
+    from spark_jax import models
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    with torch.no_grad():
+      ref = hf(torch.tensor([list(ids)])).logits.numpy()
+    cfg, params = models.from_pretrained(export)
+    ours = np.asarray(models.forward(cfg, params, jnp.asarray([list(ids)])))
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+    return ref
+  return check
+
+
+@pytest.fixture(scope="session")
 def world_rm(world):
   """fmt -> the quick world's Stage II reward model of that format ("orm", "prm", "prm_cot") on step-consistency
   labels, trained once per machine like `world_prm` (its export directory)."""

@@ -169,7 +169,8 @@ def _metrics(workdir):
   return last
 
 
-def test_rl_job_resumes_after_sigkill_with_identical_metrics_and_export(job_files, tmp_path):
+def test_rl_job_resumes_after_sigkill_with_identical_metrics_and_export(job_files, tmp_path,
+                                                                        export_matches_transformers):
   tok_dir, data = job_files
   ref, killed = str(tmp_path / "ref"), str(tmp_path / "killed")
   done = _main(_job_args(tok_dir, data, ref, export=""), timeout=900)
@@ -200,28 +201,20 @@ def test_rl_job_resumes_after_sigkill_with_identical_metrics_and_export(job_file
       assert resumed[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
   with open(os.path.join(killed, "summary.json")) as f:
     assert json.load(f)["final_step"] == STEPS
-  _check_export(os.path.join(ref, "export"), os.path.join(killed, "export"), tok_dir)
+  _check_export(os.path.join(ref, "export"), os.path.join(killed, "export"), tok_dir, export_matches_transformers)
 
 
-def _check_export(export, resumed_export, tok_dir):
+def _check_export(export, resumed_export, tok_dir, export_matches_transformers):
   """The final policy as an HF checkpoint: transformers reloads it with our logits, it is the trained policy
   (not its random init), and the killed-and-resumed run exports the same weights."""
   import jax
-  import jax.numpy as jnp
-  import torch
-  import transformers
   from spark_jax import models
   from spark_jax.models.load import load_model
   from spark_jax.tokenizer import Tokenizer
 
   assert os.path.exists(os.path.join(export, "tokenizer.json"))
-  ids = Tokenizer.from_pretrained(tok_dir).encode("What is 3 + 4? \\boxed{7}")
-  hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-  with torch.no_grad():
-    ref_logits = hf(torch.tensor([ids])).logits.numpy()
-  cfg, params = models.from_pretrained(export)
-  ours = np.asarray(models.forward(cfg, params, jnp.asarray([ids])))
-  np.testing.assert_allclose(ours, ref_logits, atol=2e-4, rtol=1e-4)
+  export_matches_transformers(export, Tokenizer.from_pretrained(tok_dir).encode("What is 3 + 4? \\boxed{7}"))
+  _, params = models.from_pretrained(export)
   _, init_params, _ = load_model("tiny-qwen2", init="random", dtype="float32", mesh=None, seed=0, remat="none")
   moved = [float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(init_params))]

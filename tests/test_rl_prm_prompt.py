@@ -39,9 +39,12 @@ def test_ids_decode_to_the_chat_rendered_prompt(tok, fmt):
 
 
 def test_graph_packing_equals_host_ids(tok):
+  """Responses enter cut after their last `</answer>` and without special tokens (the world's `<think>` and
+  `</think>` are special): what Stage I's decoded solutions, the PRM's training inputs, look like."""
   G = 2
   fmt = "prm_cot"
-  template = prm_prompt.build_template(tok, fmt)
+  special = automata.special_token_ids(tok)
+  template = prm_prompt.build_template(tok, fmt, special, len(tok))
   prob_rows = [rm_ids.problem_ids(tok, p) for p in PROBLEMS]
   Q = max(map(len, prob_rows))
   problems = np.zeros((len(PROBLEMS), Q), np.int32)
@@ -58,13 +61,17 @@ def test_graph_packing_equals_host_ids(tok):
   packed, n = jax.jit(prm_prompt.pack, static_argnums=(5,))(template, problems, np.asarray(list(map(len, prob_rows))),
                                                           responses, cut, G)
   packed, n = np.asarray(packed), np.asarray(n)
+  with_special = sum(any(t in special for t in r[:int(c)]) for r, c in zip(resp_rows, cut))
+  assert with_special >= 3, "no response carries a special token before its cut: the dropping is untested"
   for i, text in enumerate(RESPONSES):
-    host = rm_ids.rm_prompt_ids(tok, fmt, PROBLEMS[i // G], resp_rows[i][:int(cut[i])])
+    kept = rm_ids.visible_ids(resp_rows[i][:int(cut[i])], special)
+    host = rm_ids.rm_prompt_ids(tok, fmt, PROBLEMS[i // G], kept)
     assert n[i] == len(host)
     assert packed[i, packed.shape[1] - n[i]:].tolist() == host
     assert (packed[i, :packed.shape[1] - n[i]] == 0).all()
     visible = tok.decode(resp_rows[i][:int(cut[i])], skip_special_tokens=True)
     assert visible == truncate_after_answer(tok.decode(resp_rows[i], skip_special_tokens=True)), text
+    assert tok.decode(kept) == visible and not any(t in special for t in kept)
 
 
 def test_count_non_canonical(tok):

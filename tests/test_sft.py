@@ -270,8 +270,7 @@ def test_sharded_step_matches_one_device(tokenizer, data_files):
   assert one[-1, 0] < one[0, 0]
 
 
-def test_export_reloads_in_transformers_with_identical_logits(full_run, tokenizer):
-  import torch
+def test_export_reloads_in_transformers_with_identical_logits(full_run, tokenizer, export_matches_transformers):
   import transformers
   export = full_run[1]["export_dir"]
   assert os.path.exists(os.path.join(export, "tokenizer.json"))
@@ -280,12 +279,7 @@ def test_export_reloads_in_transformers_with_identical_logits(full_run, tokenize
   ids = tokenizer.apply_chat_template(messages)
   assert hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
       tokenizer.apply_chat_template(messages, tokenize=False)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-  with torch.no_grad():
-    ref = hf(torch.tensor([ids])).logits.numpy()
-  cfg, params = models.from_pretrained(export)
-  ours = np.asarray(models.forward(cfg, params, jnp.asarray([ids])))
-  np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+  ref = export_matches_transformers(export, ids)
   # The trained PRM answers its own format: greedy next tokens after the prompt start with "Step".
   assert tokenizer.decode([int(np.argmax(ref[0, -1]))]).startswith("Step")
 

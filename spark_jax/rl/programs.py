@@ -40,7 +40,7 @@ def make_reward_tables(tokenizer, settings: RolloutSettings, prm_tokenizer, voca
   if settings.prm_format is not None:
     from spark_jax.rl import prm_prompt
     verdicts = automata.build_verdicts(rl_step.REWARD_FORMATS[settings.reward_type], token_bytes, special)
-    template = prm_prompt.build_template(prm_tokenizer, settings.prm_format)
+    template = prm_prompt.build_template(prm_tokenizer, settings.prm_format, special, vocab_size)
   return RewardTables(gate, verdicts, steps, template)
 
 
@@ -153,9 +153,10 @@ class Programs:
     if not ask:
       return out
     # The one canonical piecewise prompt (text/rm_ids.py): the response enters as its sampled ids, cut
-    # after the token in which its last `</answer>` ends, exactly as the graph packs it.
+    # after the token in which its last `</answer>` ends, special tokens left out, exactly as the graph packs it.
     prompts = [rm_ids.rm_prompt_ids(prm_tokenizer, s.prm_format, problems[i // s.group_size],
-                                        ids[i][:_cut(ids[i], token_bytes, special)]) for i in ask]
+                                    rm_ids.visible_ids(ids[i][:_cut(ids[i], token_bytes, special)], special))
+               for i in ask]
     if self._engine is None:
       self._engine = SamplingEngine(self.prm_cfg, prm_params, mesh=self.mesh, progress=False)
     samples = self._engine.generate(prompts, s.prm_sampling, params=prm_params)

@@ -69,3 +69,13 @@ def rm_prompt_ids(tokenizer, fmt: str, problem: str, solution: str | Sequence[in
 def count_non_canonical(tokenizer, rows: Sequence[Sequence[int]]) -> int:
   """How many id rows are not what tokenizing their own decoded text gives (sampled non-canonical splits)."""
   return sum(list(tokenizer.encode(tokenizer.decode(list(r)))) != [int(i) for i in r] for r in rows)
+
+
+def visible_ids(ids: Sequence[int], special_ids: Sequence[int]) -> list[int]:
+  """A response's ids without its special tokens: the ids of what a decode with skip_special_tokens spells.
+
+  Stage I stores a generator's solution decoded that way, so the reward model is trained on solutions
+  without them; at RL time the policy's sampled response reaches it the same way (on the host here, in the
+  graph by `rl.prm_prompt.pack`). With the world tokenizer these are `<think>` / `</think>`."""
+  drop = set(int(i) for i in special_ids)
+  return [int(i) for i in ids if int(i) not in drop]
