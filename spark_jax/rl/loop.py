@@ -28,9 +28,9 @@ from ml_collections import ConfigDict
 
 from spark_jax import sharding as shd
 from spark_jax.rl import policy as policy_lib
-from spark_jax.text import rm_ids
 from spark_jax.rl import programs as programs_lib
 from spark_jax.rl import step as rl_step
+from spark_jax.text import rm_ids
 
 
 # ------------------------------------------------------------------------------------------ prompt data

@@ -39,7 +39,8 @@ def build_template(tokenizer, fmt: str, special_ids=(), vocab_size: int | None =
     if not 0 <= int(i) < V:
       raise ValueError(f"build_template: special id {i} is outside the vocabulary of {V} ids.")
     drop[int(i)] = True
-  return PromptTemplate(*(jnp.asarray(tokenizer.encode(x), jnp.int32) for x in (head, mid, tail)), jnp.asarray(drop))
+  pieces = (jnp.asarray(tokenizer.encode(x), jnp.int32) for x in (head, mid, tail))
+  return PromptTemplate(*pieces, jnp.asarray(drop))
 
 
 def pack(template: PromptTemplate, problem_tokens_BxQ: jax.Array, problem_lengths_B: jax.Array,
@@ -71,7 +72,8 @@ def pack(template: PromptTemplate, problem_tokens_BxQ: jax.Array, problem_length
   # Stage I stores solutions decoded without special tokens, so the PRM reads the response that way too:
   # kept ids move left over the dropped ones (a stable compaction), and the row's length shrinks.
   resp_NxR = response_tokens_NxR.astype(jnp.int32)
-  keep_NxR = (jnp.arange(R)[None, :] < cut_N[:, None]) & ~template.drop_V[jnp.clip(resp_NxR, 0, template.drop_V.shape[0] - 1)]
+  special_NxR = template.drop_V[jnp.clip(resp_NxR, 0, template.drop_V.shape[0] - 1)]
+  keep_NxR = (jnp.arange(R)[None, :] < cut_N[:, None]) & ~special_NxR
   dest_NxR = jnp.where(keep_NxR, jnp.cumsum(keep_NxR, axis=1) - 1, R)
   resp_NxR = jnp.zeros_like(resp_NxR).at[jnp.arange(N)[:, None], dest_NxR].set(resp_NxR, mode="drop")
   c_N = jnp.sum(keep_NxR, axis=1).astype(jnp.int32)

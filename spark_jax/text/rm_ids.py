@@ -11,9 +11,10 @@ where head / mid / tail are the fixed parts of the chat-rendered `text.rm.rm_pro
 ends with "Problem:", mid is "\\n\\nStudent Solution: " or "\\n\\nSolution: ", tail closes the turn and opens
 the assistant's). The problem piece keeps its leading space, so with byte-level BPE the boundary after
 "Problem:" is the one a whole-string tokenization has for a problem starting with a letter or digit. The
-solution piece is the policy's own response ids, cut after the last `</answer>`, fed as they were sampled
-(they may be a non-canonical split of their text: `count_non_canonical` reports how often). Decoding the ids
-always gives exactly the chat-rendered prompt string.
+solution piece is the policy's own response ids, cut after the last `</answer>` and without special tokens
+(`visible_ids`: Stage I stores solutions decoded that way), otherwise fed as they were sampled (they may be a
+non-canonical split of their text: `count_non_canonical` reports how often). Decoding the ids always gives
+exactly the chat-rendered prompt string.
 
 The graph half (rl/prm_prompt.py) tokenizes the same fixed pieces once (`prompt_pieces`) and packs problem
 and response ids into them inside the jitted RL step. This module sits below train/, evals/, sampling/ and
