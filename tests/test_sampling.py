@@ -358,10 +358,11 @@ def test_rows_stop_independently(tiny_params, free16):
 # ---------------------------------------------------------------------------------------- engine, sharding
 
 
-def test_same_seed_same_output_whatever_the_batching(tiny_params):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_same_seed_same_output_whatever_the_batching(tiny_params, batching):
   prompts = _prompts([7, 2, 13, 5, 9, 4], seed=6)
   # Batches of 2 prompts x 8 samples: the program the sharded test's one-device run compiles.
-  kw = dict(max_new_tokens=6, temperature=1.0, num_samples=8, seed=11)
+  kw = dict(max_new_tokens=6, temperature=1.0, num_samples=8, seed=11, batching=batching)
   a = sampling.generate(TINY, tiny_params, prompts, max_batch_rows=16, progress=True, **kw)
   b = sampling.generate(TINY, tiny_params, prompts, max_batch_rows=64, **kw)
   assert [[s.tokens for s in o] for o in a] == [[s.tokens for s in o] for o in b]
@@ -383,12 +384,14 @@ def test_padding_rows_start_done_and_the_loop_stops_with_the_real_rows(tiny_para
   real_steps = max(stop_at(f) for f in free[:3])
   assert real_steps <= 2
   assert stop_at(free[3]) >= 8, "the padding row should run on without the fix (pick other prompts)"
-  engine = sampling.SamplingEngine(TINY, tiny_params, max_batch_rows=4, progress=False)
+  engine = sampling.SamplingEngine(TINY, tiny_params, max_batch_rows=4, progress=False, batching="static")
   out = engine.generate(real, core.SamplingParams(max_new_tokens=16, stop_token_ids=tuple(stops)))
   assert [o[0].tokens for o in out] == [f[:stop_at(f)] for f in free[:3]]
   for o, f, ref in zip(out, free, free_out):
     np.testing.assert_allclose(o[0].logprobs, ref[0].logprobs[:stop_at(f)], atol=1e-5)
-  assert engine.stats == sampling.SamplingStats(batches=1, rows=4, padding_rows=1, steps=real_steps)
+  tokens = sum(stop_at(f) for f in free[:3])
+  assert engine.stats == sampling.SamplingStats(batches=1, rows=4, padding_rows=1, steps=real_steps, tokens=tokens,
+                                                row_steps=4 * real_steps)
 
 
 def test_plan_batches_keeps_padding_small_on_a_mesh():
@@ -448,20 +451,23 @@ def test_new_params_reuse_the_compiled_program(tiny_params, free16):
     engine.generate(PROMPTS4, settings, params=bad)
 
 
-def test_mixed_length_job_compiles_a_handful_of_programs(tiny_params):
+@pytest.mark.parametrize("batching,most", [("static", 3), ("continuous", 5)])
+def test_mixed_length_job_compiles_a_handful_of_programs(tiny_params, batching, most):
   lengths = np.random.RandomState(9).randint(1, 60, 1000)
   prompts = _prompts(lengths, seed=9)
   before = sampling.compiled_program_count()
-  out = sampling.generate(TINY, tiny_params, prompts, max_new_tokens=2, max_batch_rows=64)
+  out = sampling.generate(TINY, tiny_params, prompts, max_new_tokens=2, max_batch_rows=64, batching=batching)
   compiled = sampling.compiled_program_count() - before
   assert len(out) == 1000 and all(len(o[0].tokens) == 2 for o in out)
-  # Prompt buckets 16, 32, 64 and one batch size: at most 3 programs for 16 batches.
-  assert compiled <= 3, compiled
+  # Static: prompt buckets 16, 32, 64 and one batch size, at most 3 programs for 16 batches. Continuous: the
+  # slots' init and decode programs and one admission of 64 prompts per bucket.
+  assert compiled <= most, compiled
   # Results are in the original order: each equals the same prompt generated in another batch (64 prompts
   # drawn across the job, the longest over 32 tokens: a batch shape compiled above).
   picks = np.random.RandomState(1).permutation(1000)[:64]
   assert lengths[picks].max() > 32
-  again = sampling.generate(TINY, tiny_params, [prompts[i] for i in picks], max_new_tokens=2, max_batch_rows=64)
+  again = sampling.generate(TINY, tiny_params, [prompts[i] for i in picks], max_new_tokens=2, max_batch_rows=64,
+                            batching=batching)
   assert sampling.compiled_program_count() - before == compiled
   assert [out[i][0].tokens for i in picks] == [a[0].tokens for a in again]
 

@@ -161,15 +161,25 @@ class Attention(nnx.Module):
       k_cache, v_cache, layer = cache_kv
       k_new_BxKxE, v_new_BxKxE = k[:, 0], v[:, 0]
       mask_BxS = mask_BxTxS[:, 0]
+      slots_S = jnp.arange(mask_BxS.shape[-1])
+      if jnp.ndim(write_index) == 0:
+        before_BxS = slots_S[None, :] < write_index
+        new_valid_B = jax.lax.dynamic_index_in_dim(mask_BxS, write_index, axis=1, keepdims=False)
+      else:  # one slot per row (continuous batching: rows are at different token indices)
+        before_BxS = slots_S[None, :] < write_index[:, None]
+        new_valid_B = jnp.take_along_axis(mask_BxS, write_index[:, None], axis=1)[:, 0]
       out = _decode_attention(q_BxKxGxTxE[:, :, :, 0], _cache_layer(k_cache, layer), _cache_layer(v_cache, layer),
-                              k_new_BxKxE, v_new_BxKxE, mask_BxS & (jnp.arange(mask_BxS.shape[-1]) < write_index),
-                              jax.lax.dynamic_index_in_dim(mask_BxS, write_index, axis=1, keepdims=False), prefix_kv)
+                              k_new_BxKxE, v_new_BxKxE, mask_BxS & before_BxS, new_valid_B, prefix_kv)
       out = out[:, :, :, None].astype(x_BxTxD.dtype)
       # A data dependency of the write on the attention output (x 0: free) orders the layer read before
       # the in-place write; without it copy insertion cannot prove the order and copies the whole cache.
       after = (out[0, 0, 0, 0, 0] * 0).astype(k_new_BxKxE.dtype)
-      new_cache = (_cache_write(k_cache, (k_new_BxKxE + after)[..., None], layer, (0, 0, 0, write_index)),
-                   _cache_write(v_cache, (v_new_BxKxE + after)[:, :, None], layer, (0, 0, write_index, 0)))
+      if jnp.ndim(write_index) == 0:
+        new_cache = (_cache_write(k_cache, (k_new_BxKxE + after)[..., None], layer, (0, 0, 0, write_index)),
+                     _cache_write(v_cache, (v_new_BxKxE + after)[:, :, None], layer, (0, 0, write_index, 0)))
+      else:
+        new_cache = (_cache_write_rows(k_cache, k_new_BxKxE + after, layer, write_index, slot_axis=3),
+                     _cache_write_rows(v_cache, v_new_BxKxE + after, layer, write_index, slot_axis=2))
     else:
       if prefix_kv is not None:
         raise ValueError("forward_cached: a shared prefix is for decode steps (one new token per row); prefill "
@@ -200,6 +210,20 @@ def _cache_write(cache, new, layer, index):
   if layer is None:
     return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), index)
   return jax.lax.dynamic_update_slice(cache, new[None].astype(cache.dtype), (layer, *index))
+
+
+def _cache_write_rows(cache, new_BxKxE, layer, slots_B, slot_axis: int):
+  """Writes row b's new key or value at its own slot `slots_B[b]` (a scatter; in place inside a loop).
+
+  `slot_axis` is the slot dimension of this layer's B×K×… buffer: 3 for keys (B×K×E×S), 2 for values
+  (B×K×S×E)."""
+  B = new_BxKxE.shape[0]
+  rows_B = jnp.arange(B)
+  index = [rows_B, slice(None), slice(None), slice(None)]
+  index[slot_axis] = slots_B
+  if layer is not None:
+    index = [layer] + index
+  return cache.at[tuple(index)].set(new_BxKxE.astype(cache.dtype), mode="drop")
 
 
 def _attend(q_BxKxGxTxE, k_BxKxExS, v_BxKxSxE, mask_BxTxS):
@@ -491,7 +515,9 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, 
                    prefix: KVCache | None = None) -> tuple[jax.Array, KVCache]:
   """Runs T new tokens per row against the cache, writing them at slots [write_index, write_index+T).
 
-  Used for prefill (T = prompt length, write_index = 0) and decode (T = 1). Returns fp32 logits of the
+  Used for prefill (T = prompt length, write_index = 0) and decode (T = 1). For decode, `write_index` may be
+  a B-vector: row b writes at its own slot (continuous batching, where rows sit at different token indices);
+  a scalar writes every row at the same slot. Returns fp32 logits of the
   new tokens and the updated cache; donate the cache for in-place updates. `last_only=True` returns only
   the last position's logits (B×1×V): a sampler's prefill needs nothing else, and the full B×T×V head
   would cost about a quarter of a small model's prefill.
@@ -503,10 +529,19 @@ def forward_cached(cfg: ModelConfig, params: Params, tokens_BxT, positions_BxT, 
   """
   B, T = tokens_BxT.shape
   S = cache.max_length
-  valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, token_mask_BxT.astype(jnp.bool_), (0, write_index))
   slots_S = jnp.arange(S)
-  query_slots_T = write_index + jnp.arange(T)
-  mask_BxTxS = valid_BxS[:, None, :] & (slots_S[None, None, :] <= query_slots_T[None, :, None])
+  if jnp.ndim(write_index) == 0:
+    valid_BxS = jax.lax.dynamic_update_slice(cache.valid_BxS, token_mask_BxT.astype(jnp.bool_), (0, write_index))
+    query_slots_BxT = (write_index + jnp.arange(T))[None, :]
+  else:
+    if T != 1:
+      raise ValueError(f"forward_cached: a write index per row (shape {jnp.shape(write_index)}) is for decode steps "
+                       f"(one new token per row); got {T} tokens per row. Prefill with a scalar write_index.")
+    write_index = jnp.asarray(write_index, jnp.int32)
+    here_BxS = slots_S[None, :] == write_index[:, None]
+    valid_BxS = jnp.where(here_BxS, token_mask_BxT.astype(jnp.bool_), cache.valid_BxS)
+    query_slots_BxT = write_index[:, None]
+  mask_BxTxS = valid_BxS[:, None, :] & (slots_S[None, None, :] <= query_slots_BxT[:, :, None])
   x = _embed(cfg, params, tokens_BxT)
   x, k_all, v_all = _run_layers(cfg, params, x, positions_BxT, mask_BxTxS, cache, write_index, prefix)
   if last_only:

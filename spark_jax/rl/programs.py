@@ -158,7 +158,8 @@ class Programs:
                                     rm_ids.visible_ids(ids[i][:_cut(ids[i], token_bytes, special)], special))
                for i in ask]
     if self._engine is None:
-      self._engine = SamplingEngine(self.prm_cfg, prm_params, mesh=self.mesh, progress=False)
+      # Static batches: the in-graph reward runs the static core, and the equality check compares the two.
+      self._engine = SamplingEngine(self.prm_cfg, prm_params, mesh=self.mesh, progress=False, batching="static")
     samples = self._engine.generate(prompts, s.prm_sampling, params=prm_params)
     for i, sample in zip(ask, samples):
       out[i] = prm_tokenizer.decode(sample[0].tokens, skip_special_tokens=True)

@@ -292,13 +292,23 @@ class _State:
   window_NxW: jax.Array | None
 
 
-def _record(state: _State, step, tokens_N, logprobs_N, params: SamplingParams, table) -> _State:
-  """Writes step `step`'s tokens for rows still running and updates their stop state."""
+def _write_column(x_NxM, values_N, column):
+  """x with x[n, column] = values_N[n]: one column for every row (scalar), or each row its own (N-vector;
+  out-of-range columns are not written)."""
+  if jnp.ndim(column) == 0:
+    return jax.lax.dynamic_update_slice(x_NxM, values_N[:, None], (0, column))
+  return x_NxM.at[jnp.arange(x_NxM.shape[0]), column].set(values_N, mode="drop")
+
+
+def _record(state, step, tokens_N, logprobs_N, params: SamplingParams, table, budget_N=None):
+  """Writes token index `step`'s tokens for rows still running and updates their stop state.
+
+  `state` is a `_State` or any dataclass with its row fields (`slots.SlotState`). `step` is one token index
+  for all rows or one per row. `budget_N` (optional): a row that has now generated that many tokens is done
+  (finish FINISH_LENGTH unless a stop ended it at the same token)."""
   active = ~state.done_N
-  tokens_NxM = jax.lax.dynamic_update_slice(
-      state.tokens_NxM, jnp.where(active, tokens_N, 0)[:, None], (0, step))
-  logprobs_NxM = jax.lax.dynamic_update_slice(
-      state.logprobs_NxM, jnp.where(active, logprobs_N, 0.0)[:, None], (0, step))
+  tokens_NxM = _write_column(state.tokens_NxM, jnp.where(active, tokens_N, 0), step)
+  logprobs_NxM = _write_column(state.logprobs_NxM, jnp.where(active, logprobs_N, 0.0), step)
   finish_N = state.finish_N
   stopped = jnp.zeros_like(active)
   if params.stop_token_ids:
@@ -314,9 +324,12 @@ def _record(state: _State, step, tokens_N, logprobs_N, params: SamplingParams, t
     hit = jnp.any(hits_NxO, axis=1) & ~stopped  # a stop token wins over a stop string
     finish_N = jnp.where(hit, FINISH_STOP_STRING + jnp.argmax(hits_NxO, axis=1).astype(jnp.int32), finish_N)
     stopped |= hit
+  lengths_N = state.lengths_N + active.astype(jnp.int32)
+  if budget_N is not None:
+    stopped |= active & (lengths_N >= budget_N)
   return dataclasses.replace(
       state, last_N=tokens_N, tokens_NxM=tokens_NxM, logprobs_NxM=logprobs_NxM, done_N=state.done_N | stopped,
-      finish_N=finish_N, lengths_N=state.lengths_N + active.astype(jnp.int32), window_NxW=window)
+      finish_N=finish_N, lengths_N=lengths_N, window_NxW=window)
 
 
 def _step_keys(row_keys_N, step):
@@ -326,7 +339,7 @@ def _step_keys(row_keys_N, step):
 def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: jax.Array,
                   prompt_lengths_B: jax.Array, row_keys_N: jax.Array, settings: SamplingParams,
                   stop_table: StopTable | None = None, *, row_active_N: jax.Array | None = None,
-                  unstack_layers: bool | None = None) -> CoreOutput:
+                  row_budget_N: jax.Array | None = None, unstack_layers: bool | None = None) -> CoreOutput:
   """Samples `settings.num_samples` continuations of each left-padded prompt; traceable inside `jit`.
 
   Args:
@@ -342,6 +355,9 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
       tokens and log-probs 0, finish FINISH_INACTIVE) and does not keep the loop running, which exits as soon
       as every active row is done. For rows that only fill a batch's shape (padding prompts, rows that failed
       a gate); their prompt tokens and keys are still read but never reach an output.
+    row_budget_N: int per decode row (default: all settings.max_new_tokens): a row stops with finish
+      FINISH_LENGTH after this many tokens (1..max_new_tokens), as vLLM's per-request `max_tokens`. The loop
+      still runs until the longest active row is done: what continuous batching (`sampling.slots`) avoids.
     unstack_layers: decode with per-layer weights and cache buffers (an unrolled layer loop) instead of a
       `lax.scan` over stacked ones. On CPU this avoids copying every layer's weights out of the stack each
       step (about 2x faster decode) at the cost of one extra copy of the layer weights per call and a longer
@@ -366,6 +382,11 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
     raise ValueError(f"row_active_N has shape {row_active_N.shape}; need one flag per decode row: ({N},) = {B} "
                      f"prompts x num_samples={ns}.")
   active_N = row_active_N.astype(jnp.bool_)
+  budget_N = None
+  if row_budget_N is not None:
+    if row_budget_N.shape != (N,):
+      raise ValueError(f"row_budget_N has shape {row_budget_N.shape}; need one token budget per decode row: ({N},).")
+    budget_N = jnp.clip(row_budget_N.astype(jnp.int32), 1, M)
   S = P + M
   lengths_B = prompt_lengths_B.astype(jnp.int32)
   mask_BxP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
@@ -398,7 +419,7 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
       done_N=~active_N, finish_N=jnp.where(active_N, FINISH_LENGTH, FINISH_INACTIVE).astype(jnp.int32),
       lengths_N=jnp.zeros((N,), jnp.int32), window_NxW=window)
   tok_N, lp_N = sample_tokens(logits_Nx1xV[:, 0], _step_keys(row_keys_N, 0), settings)
-  state = _record(state, 0, tok_N, lp_N, settings, stop_table)
+  state = _record(state, 0, tok_N, lp_N, settings, stop_table, budget_N)
   # The prefill's token counts as a step only if some row takes it; decode steps follow while any row runs.
   state = dataclasses.replace(state, step=jnp.any(active_N).astype(jnp.int32))
   ones_Nx1 = jnp.ones((N, 1), jnp.bool_)
@@ -420,7 +441,7 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
         cfg, decode_params, s.last_N[:, None], (lengths_N + s.step - 1)[:, None], ones_Nx1, s.cache,
         first_slot + s.step - 1, prefix=prefix)
     tok_N, lp_N = sample_tokens(logits_Nx1xV[:, 0], _step_keys(row_keys_N, s.step), settings)
-    s = _record(dataclasses.replace(s, cache=cache), s.step, tok_N, lp_N, settings, stop_table)
+    s = _record(dataclasses.replace(s, cache=cache), s.step, tok_N, lp_N, settings, stop_table, budget_N)
     return dataclasses.replace(s, step=s.step + 1)
 
   state = jax.lax.while_loop(cond, body, state)

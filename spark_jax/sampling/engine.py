@@ -68,13 +68,25 @@ class Sample:
 
 @dataclasses.dataclass
 class SamplingStats:
-  """Running totals of an engine's batches: decode rows launched (padding included), rows that were padding,
-  and sampled token positions (`CoreOutput.steps`, summed over batches: the decode loop's trip count)."""
+  """Running totals of an engine's calls.
+
+  Static batching: batches launched, decode rows launched (padding included), rows that were padding, and
+  sampled token positions (`CoreOutput.steps`, summed over batches: the decode loop's trip count).
+  Continuous batching: admissions, slot rows, 0, and decode-loop trips. Both: `tokens` generated and
+  `row_steps`, the decode rows the loops ran (rows x trips, finished and padding rows included), so
+  `occupancy` = tokens / row_steps is the share of the compute that produced output.
+  """
 
   batches: int = 0
   rows: int = 0
   padding_rows: int = 0
   steps: int = 0
+  tokens: int = 0
+  row_steps: int = 0
+
+  @property
+  def occupancy(self) -> float:
+    return self.tokens / self.row_steps if self.row_steps else 0.0
 
 
 # Compiled programs, process-wide: (cfg, settings, batch prompts, prompt bucket, table shape, mesh, params
@@ -155,15 +167,29 @@ class SamplingEngine:
       one case that exceeds it).
     prompt_buckets: allowed padded prompt lengths; default: powers of two from 16.
     progress: show a tqdm bar (prompts done, generated tokens/s, ETA).
+    batching: "continuous" (default; `sampling.continuous`): max_batch_rows decode slots that waiting prompts
+      enter as others finish; "static": sorted batches, each decoded until its longest row is done.
+    refill_every: continuous: decode steps per call at most (the host's chance to refill and report).
+    refill_fraction: continuous: a decode call also returns once this share of the slot groups is free (and
+      prompts wait to fill them).
 
   `stats` (a `SamplingStats`) accumulates over calls.
   """
 
   def __init__(self, cfg: ModelConfig, params: decoder.Params | None, *, mesh: Mesh | None = None,
                max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, prompt_buckets: Sequence[int] | None = None,
-               progress: bool = True):
+               progress: bool = True, batching: str = "continuous", refill_every: int = 64,
+               refill_fraction: float = 0.25):
     if max_batch_rows <= 0:
       raise ValueError(f"max_batch_rows={max_batch_rows}: must be a positive number of decode rows per batch.")
+    if batching not in ("continuous", "static"):
+      raise ValueError(f"batching={batching!r}: choose 'continuous' (slots refilled as rows finish) or 'static'.")
+    if refill_every <= 0 or not 0.0 < refill_fraction <= 1.0:
+      raise ValueError(f"refill_every={refill_every}, refill_fraction={refill_fraction}: need a positive step count "
+                       "and a fraction in (0, 1].")
+    self.batching = batching
+    self.refill_every = int(refill_every)
+    self.refill_fraction = float(refill_fraction)
     if prompt_buckets is not None and (not prompt_buckets or min(prompt_buckets) <= 0):
       raise ValueError(f"prompt_buckets={prompt_buckets!r}: give positive lengths, or None for powers of two.")
     self.cfg = cfg
@@ -195,21 +221,48 @@ class SamplingEngine:
   # ------------------------------------------------------------------------------------------ programs
 
   def _program(self, settings: core.SamplingParams, batch: int, length: int, table_shape, args):
-    params = args[0]
-    signature = (jax.tree.structure(params),
-                 tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(params)))
-    key = (self.cfg, settings, batch, length, table_shape, self.mesh, signature)
+    key = (self.cfg, settings, batch, length, table_shape, self.mesh, self._params_signature(args[0]))
     if key not in _PROGRAMS:
       cfg = self.cfg
 
-      def run(params, tokens, lengths, keys, active, table):
-        return core.generate_core(cfg, params, tokens, lengths, keys, settings, table, row_active_N=active)
+      def run(params, tokens, lengths, keys, active, budgets, table):
+        return core.generate_core(cfg, params, tokens, lengths, keys, settings, table, row_active_N=active,
+                                  row_budget_N=budgets)
 
       t0 = time.perf_counter()
       with shd.use_mesh(self.mesh):
         _PROGRAMS[key] = jax.jit(run).lower(*args).compile()
       _COMPILE_SECONDS[key] = time.perf_counter() - t0
     return _PROGRAMS[key]
+
+  def _params_signature(self, params):
+    return (jax.tree.structure(params), tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(params)))
+
+  def _slot_program(self, kind: str, settings: core.SamplingParams, shape_key, args, make_fn):
+    """A compiled continuous-batching program (`sampling.continuous`), cached like the static ones."""
+    from spark_jax.sampling import continuous
+
+    table = args[-1] if args else None
+    key = (kind, self.cfg, settings, shape_key, None if table is None else tuple(table.bytes_VxW.shape), self.mesh,
+           self._params_signature(args[0]) if args else None)
+    if key not in _PROGRAMS:
+      t0 = time.perf_counter()
+      _PROGRAMS[key] = continuous.compile_program(make_fn(), args, self.mesh, donate_state=kind != "init")
+      _COMPILE_SECONDS[key] = time.perf_counter() - t0
+    return _PROGRAMS[key]
+
+  def _unstacked(self, params):
+    from spark_jax.sampling import continuous
+
+    with shd.use_mesh(self.mesh):
+      return continuous.unstack_layers(params)
+
+  def _place_replicated_args(self, args):
+    """Host arrays of a slot program's arguments as device arrays (replicated on a mesh); device trees pass."""
+    if self.mesh is None:
+      return tuple(jnp.asarray(a) if isinstance(a, (np.ndarray, np.generic)) else a for a in args)
+    rep = shd.replicated(self.mesh)
+    return tuple(jax.device_put(a, rep) if isinstance(a, (np.ndarray, np.generic)) else a for a in args)
 
   def _place_rows(self, x: np.ndarray) -> jax.Array:
     """Shards dimension 0 over the row shards when it divides evenly, else replicates (see plan_batches)."""
@@ -229,8 +282,8 @@ class SamplingEngine:
 
   def generate(self, prompts: Sequence[Sequence[int]], settings: core.SamplingParams, *, seed: int = 0,
                prompt_indices: Sequence[int] | None = None, params: decoder.Params | None = None,
-               token_bytes: Sequence[bytes] | None = None, stop_labels: Sequence[str | bytes] | None = None
-               ) -> list[list[Sample]]:
+               token_bytes: Sequence[bytes] | None = None, stop_labels: Sequence[str | bytes] | None = None,
+               max_new_tokens: Sequence[int] | None = None) -> list[list[Sample]]:
     """Samples `settings.num_samples` continuations per prompt; returns them in the prompts' order.
 
     Args:
@@ -243,6 +296,8 @@ class SamplingEngine:
         compiled programs (see the module docstring).
       token_bytes: bytes of each token id (e.g. `Tokenizer.token_bytes_table()`); needed for stop strings.
       stop_labels: how to report each of settings.stop_strings in `Sample.stop` (default: the bytes).
+      max_new_tokens: a token budget per prompt, each in 1..settings.max_new_tokens (vLLM's per-request
+        `max_tokens`); default: settings.max_new_tokens for all. Rows that reach it finish with "length".
     """
     cfg = self.cfg
     if params is None:
@@ -266,64 +321,84 @@ class SamplingEngine:
                          "Tokenizer.token_bytes_table()), to match generated text on device.")
       table = self._place_replicated(core.make_stop_table(token_bytes, cfg.vocab_size))
     labels = list(stop_labels) if stop_labels is not None else list(settings.stop_strings)
+    budgets = _validate_budgets(max_new_tokens, len(prompts), settings.max_new_tokens)
+    ns = settings.num_samples
+    results: list[list[Sample] | None] = [None] * len(prompts)
+    bar = None
+    if self.progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=len(prompts), unit="prompt", desc=f"sampling ({self.batching})", dynamic_ncols=True)
+    t_start, generated = time.perf_counter(), 0
+
+    def done(i, tokens, logprobs, lengths, finish):
+      nonlocal generated
+      results[i] = [_to_sample(tokens[r], logprobs[r], int(lengths[r]), int(finish[r]), settings, labels)
+                    for r in range(ns)]
+      generated += int(np.sum(lengths))
+      self.stats.tokens += int(np.sum(lengths))
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix_str(f"{generated / max(time.perf_counter() - t_start, 1e-9):.1f} tok/s")
+
+    try:
+      if prompts and self.batching == "continuous":
+        from spark_jax.sampling import continuous
+
+        continuous.run(self, params, prompts, settings, seed=seed, prompt_indices=prompt_indices, budgets=budgets,
+                       table=table, on_done=done)
+      elif prompts:
+        self._generate_static(params, prompts, settings, seed, prompt_indices, budgets, table, done)
+    finally:
+      if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+  def _generate_static(self, params, prompts, settings, seed, prompt_indices, budgets, table, done) -> None:
     ns = settings.num_samples
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     chunks, start = [], 0
     for taken, batch in plan_batches(len(prompts), ns, self.max_batch_rows, self._row_multiple):
       chunks.append((order[start:start + taken], batch))
       start += taken
-    results: list[list[Sample] | None] = [None] * len(prompts)
+    pending = None  # (chunk, batch, outputs): fetch one batch while the next one runs
+    for planned in chunks + [None]:
+      launched = None
+      if planned is not None:
+        chunk, batch = planned
+        launched = (chunk, batch,
+                    self._launch(params, chunk, batch, prompts, prompt_indices, budgets, settings, seed, table))
+        self.stats.batches += 1
+        self.stats.rows += batch * ns
+        self.stats.padding_rows += (batch - len(chunk)) * ns
+      if pending is not None:
+        done_chunk, done_batch, out = pending
+        tokens, logprobs, lengths, finish, steps = jax.device_get(
+            (out.tokens_NxM, out.logprobs_NxM, out.lengths_N, out.finish_N, out.steps))
+        self.stats.steps += int(steps)
+        self.stats.row_steps += int(steps) * done_batch * ns
+        for j, idx in enumerate(done_chunk):
+          rows = slice(j * ns, (j + 1) * ns)
+          done(idx, tokens[rows], logprobs[rows], lengths[rows], finish[rows])
+      pending = launched
 
-    bar = None
-    if self.progress:
-      from tqdm.auto import tqdm
-      bar = tqdm(total=len(prompts), unit="prompt", desc="sampling", dynamic_ncols=True)
-    t_start, generated = time.perf_counter(), 0
-    pending = None  # (chunk, outputs): fetch one batch while the next one runs
-    try:
-      for planned in chunks + [None]:
-        launched = None
-        if planned is not None:
-          chunk, batch = planned
-          launched = (chunk, self._launch(params, chunk, batch, prompts, prompt_indices, settings, seed, table))
-          self.stats.batches += 1
-          self.stats.rows += batch * ns
-          self.stats.padding_rows += (batch - len(chunk)) * ns
-        if pending is not None:
-          done_chunk, out = pending
-          tokens, logprobs, lengths, finish, steps = jax.device_get(
-              (out.tokens_NxM, out.logprobs_NxM, out.lengths_N, out.finish_N, out.steps))
-          self.stats.steps += int(steps)
-          for j, idx in enumerate(done_chunk):
-            results[idx] = [
-                _to_sample(tokens[r], logprobs[r], int(lengths[r]), int(finish[r]), settings, labels)
-                for r in range(j * ns, (j + 1) * ns)]
-            generated += int(lengths[j * ns:(j + 1) * ns].sum())
-          if bar is not None:
-            bar.update(len(done_chunk))
-            bar.set_postfix_str(f"{generated / max(time.perf_counter() - t_start, 1e-9):.1f} tok/s")
-        pending = launched
-    finally:
-      if bar is not None:
-        bar.close()
-    return results  # type: ignore[return-value]
-
-  def _launch(self, params, chunk, batch: int, prompts, prompt_indices, settings: core.SamplingParams, seed: int,
-              table):
+  def _launch(self, params, chunk, batch: int, prompts, prompt_indices, budgets, settings: core.SamplingParams,
+              seed: int, table):
     ns = settings.num_samples
     length = bucket_length(max(len(prompts[i]) for i in chunk), self.prompt_buckets)
     tokens = np.zeros((batch, length), np.int32)
     lengths = np.ones((batch,), np.int32)  # padding prompts: one token; their rows start done
     indices = np.zeros((batch,), np.int64)
+    budget_B = np.ones((batch,), np.int32)
     active = np.repeat(np.arange(batch) < len(chunk), ns)
     for j, i in enumerate(chunk):
       p = prompts[i]
       tokens[j, length - len(p):] = p
       lengths[j] = len(p)
       indices[j] = prompt_indices[i]
+      budget_B[j] = budgets[i]
     keys = _row_keys(seed, indices, ns)
     args = (params, self._place_rows(tokens), self._place_rows(lengths), self._place_rows(keys),
-            self._place_rows(active), table)
+            self._place_rows(active), self._place_rows(np.repeat(budget_B, ns)), table)
     table_shape = None if table is None else tuple(table.bytes_VxW.shape)
     program = self._program(settings, batch, length, table_shape, args)
     return program(*args)
@@ -339,6 +414,20 @@ def _to_sample(tokens, logprobs, n: int, finish: int, settings: core.SamplingPar
     reason = "length"
   return Sample(tokens=[int(t) for t in tokens[:n]], logprobs=[float(x) for x in logprobs[:n]],
                 finish_reason=reason, stop=stop)
+
+
+def _validate_budgets(budgets, num_prompts: int, cap: int) -> np.ndarray:
+  if budgets is None:
+    return np.full((num_prompts,), cap, np.int32)
+  arr = np.asarray(budgets)
+  if arr.shape != (num_prompts,) or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"max_new_tokens: need one integer token budget per prompt ({num_prompts}); got an array of "
+                     f"shape {arr.shape} and dtype {arr.dtype}.")
+  bad = np.flatnonzero((arr < 1) | (arr > cap))
+  if bad.size:
+    raise ValueError(f"max_new_tokens[{int(bad[0])}] = {int(arr[bad[0]])}: each prompt's budget must be in "
+                     f"1..{cap} (settings.max_new_tokens, the slots' size); raise settings.max_new_tokens or lower it.")
+  return arr.astype(np.int32)
 
 
 def _validate_prompts(prompts, cfg: ModelConfig, max_new_tokens: int) -> list[np.ndarray]:
@@ -375,7 +464,8 @@ def generate(cfg: ModelConfig, params: decoder.Params, prompts: Sequence[Sequenc
              num_samples: int = 1, stop_token_ids: Sequence[int] = (), stop_strings: Sequence[str | bytes] = (),
              seed: int = 0, mesh: Mesh | None = None, token_bytes: Sequence[bytes] | None = None,
              max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS, prompt_buckets: Sequence[int] | None = None,
-             progress: bool = False) -> list[list[Sample]]:
+             progress: bool = False, batching: str = "continuous",
+             max_new_tokens_per_prompt: Sequence[int] | None = None) -> list[list[Sample]]:
   """Samples `num_samples` continuations of each prompt (token-id lists); one list of `Sample`s per prompt.
 
   Nothing stops a row early unless `stop_token_ids` or `stop_strings` say so (the model's EOS is not
@@ -403,5 +493,6 @@ def generate(cfg: ModelConfig, params: decoder.Params, prompts: Sequence[Sequenc
       min_p=float(min_p), num_samples=num_samples, stop_token_ids=tuple(int(t) for t in stop_token_ids),
       stop_strings=tuple(encoded))
   engine = SamplingEngine(cfg, params, mesh=mesh, max_batch_rows=max_batch_rows, prompt_buckets=prompt_buckets,
-                          progress=progress)
-  return engine.generate(prompts, settings, seed=seed, token_bytes=token_bytes, stop_labels=list(stop_strings))
+                          progress=progress, batching=batching)
+  return engine.generate(prompts, settings, seed=seed, token_bytes=token_bytes, stop_labels=list(stop_strings),
+                         max_new_tokens=max_new_tokens_per_prompt)
