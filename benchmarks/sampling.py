@@ -65,11 +65,11 @@ def _time(fn, repeats: int = 1) -> float:
   return best
 
 
-def _ours(cfg, params, prompts, new_tokens: int, repeats: int):
+def _ours(cfg, params, prompts, new_tokens: int, repeats: int, batching: str = "continuous"):
   """(seconds of a warm call, compile seconds, outputs) for our engine, greedy, EOS ignored."""
   from spark_jax import sampling
 
-  engine = sampling.SamplingEngine(cfg, params, max_batch_rows=len(prompts), progress=False)
+  engine = sampling.SamplingEngine(cfg, params, max_batch_rows=len(prompts), progress=False, batching=batching)
   settings = sampling.SamplingParams(max_new_tokens=new_tokens)
   before = sampling.compile_seconds()
   out = engine.generate(prompts, settings)  # compiles
@@ -136,7 +136,7 @@ def cpu_worker(args) -> dict:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     prompts = _cpu_prompts(model.config.vocab_size, args.batch, args.prompt_len)
     best = None
     for threads in sorted({1, torch.get_num_threads()}, reverse=True):
@@ -150,10 +150,10 @@ def cpu_worker(args) -> dict:
   import jax
   from spark_jax import models
 
-  cfg, params = models.from_pretrained(path)
+  cfg, params = models.from_pretrained(path, dtype=args.dtype)
   prompts = _cpu_prompts(cfg.vocab_size, args.batch, args.prompt_len)
-  seconds, compile_s, out = _ours(cfg, params, prompts, args.new_tokens, args.repeats)
-  single_s, _, _ = _ours(cfg, params, prompts, 1, args.repeats)
+  seconds, compile_s, out = _ours(cfg, params, prompts, args.new_tokens, args.repeats, args.batching)
+  single_s, _, _ = _ours(cfg, params, prompts, 1, args.repeats, args.batching)
   param_count = int(sum(x.size for x in jax.tree.leaves(params)))
   return dict(engine="ours", batch=args.batch, seconds=seconds, single_s=single_s, compile_s=compile_s,
               tokens=[[int(t) for t in o[0].tokens] for o in out], bandwidth=_read_bandwidth(), param_count=param_count,
@@ -165,7 +165,8 @@ def _spawn(engine: str, batch: int, args) -> dict:
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     out_path = f.name
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--batch", str(batch), "--out", out_path,
-         "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+         "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats),
+         "--batching", args.batching, "--dtype", args.dtype]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
   if proc.returncode != 0:
@@ -189,8 +190,9 @@ def _roofline(r: dict, batch: int, args) -> str:
   step_s = (r["seconds"] - r["single_s"]) / (args.new_tokens - 1)
   cache_slots = sampling.bucket_length(args.prompt_len) + args.new_tokens  # the step reads every slot
   if batch == 1:
-    kv_bytes = 2 * c["layers"] * c["kv_heads"] * c["head_dim"] * cache_slots * 4
-    return f"{100 * (4 * r['param_count'] + kv_bytes) / r['bandwidth'] / step_s:.0f}% bw"
+    width = 4 if args.dtype == "float32" else 2
+    kv_bytes = 2 * c["layers"] * c["kv_heads"] * c["head_dim"] * cache_slots * width
+    return f"{100 * (width * r['param_count'] + kv_bytes) / r['bandwidth'] / step_s:.0f}% bw"
   matmul_params = r["param_count"] - (0 if c["tied"] else c["vocab"] * c["hidden"])  # a lookup is no matmul
   flops = batch * (2 * matmul_params + 4 * c["layers"] * c["heads"] * c["head_dim"] * cache_slots)
   return f"{flops / step_s / 1e9:.0f} GF/s"
@@ -212,8 +214,8 @@ def cpu_benchmark(args) -> None:
       for engine in (engines if round_index % 2 == 0 else engines[::-1]):
         results.setdefault((engine, batch), []).append(_spawn(engine, batch, args))
         print(f"  round {round_index + 1}/{args.rounds}: {engine} batch {batch} done", file=sys.stderr, flush=True)
-  print(f"SmolLM2-135M-Instruct fp32 (from {path}); medians of {args.rounds} rounds, each engine in its own "
-        "process; HF: best of 1/2 torch threads (Nt)")
+  print(f"SmolLM2-135M-Instruct {args.dtype} (from {path}), ours with {args.batching} batching; medians of "
+        f"{args.rounds} rounds, each engine in its own process; HF: best of 1/2 torch threads (Nt)")
   print(_row(CPU_HEADER, CPU_WIDTHS))
   print("-" * (sum(CPU_WIDTHS) + 3 * len(CPU_WIDTHS)))
   for batch in args.batches:
@@ -221,7 +223,7 @@ def cpu_benchmark(args) -> None:
     ours_tps = statistics.median(batch * args.new_tokens / r["seconds"] for r in ours)
     ours_dec = statistics.median(_decode_rate(r, batch, args.new_tokens) for r in ours)
     median_run = sorted(ours, key=lambda r: r["seconds"])[len(ours) // 2]
-    cols = ["smollm2-135m fp32", batch, args.prompt_len, args.new_tokens, f"{ours_tps:.1f}", "-", "-",
+    cols = [f"smollm2-135m {'fp32' if args.dtype == 'float32' else 'bf16'}", batch, args.prompt_len, args.new_tokens, f"{ours_tps:.1f}", "-", "-",
             f"{ours_dec:.1f}", "-", "-", _roofline(median_run, batch, args),
             f"{statistics.median(r['compile_s'] for r in ours):.1f}", "-"]
     if ("hf", batch) in results:
@@ -364,6 +366,15 @@ def main(argv=None) -> None:
   parser.add_argument("--skip-hf", action="store_true", help="CPU: our engine only")
   parser.add_argument("--padding", action="store_true", help="decode steps with a padding row active/inactive")
   parser.add_argument("--attention", action="store_true", help="decode attention: einsum vs multiply-reduce")
+  parser.add_argument("--mixed", action="store_true", help="mixed output lengths: continuous vs static vs HF")
+  parser.add_argument("--prompts", type=int, default=16, help="--mixed: prompts in the job")
+  parser.add_argument("--samples", type=int, default=16, help="--mixed: samples per prompt")
+  parser.add_argument("--cap", type=int, default=128, help="--mixed: the largest output budget")
+  parser.add_argument("--slots", type=int, default=64, help="--mixed: decode slots (static: rows per batch)")
+  parser.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                      help="fixed shapes: our engine's batching mode")
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="fixed shapes: weights of both engines (compared in the same dtype only)")
   parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -378,6 +389,12 @@ def main(argv=None) -> None:
   if args.padding:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     padding_benchmark(args)
+    return
+  if args.mixed:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import sampling_mixed
+
+    sampling_mixed.main(args)
     return
   if args.attention:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -24,6 +24,7 @@ def get_config():
   config = common.base("demo", workdir="runs/demo")
   config.quick = False
   config.max_batch_rows = 256  # decode rows per engine batch
+  config.batching = "continuous"  # or "static" (docs/method.md, further knobs)
 
   # The task (spark_jax/world/task.py): start value and min_ops..max_ops operations, results mod `modulus`.
   # Sized for small models trained for minutes on CPU: mod 5 with operands 1-4 is a table of 55 facts

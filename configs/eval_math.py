@@ -30,6 +30,7 @@ def get_config():
   config.max_new_tokens = 4096
   config.shard_size = 32  # problems per atomically written shard
   config.max_batch_rows = 64  # decode rows per engine batch (prompts x samples)
+  config.batching = "continuous"  # or "static" (docs/method.md, further knobs)
   config.grading_workers = 4  # 0 = grade in this process (debugging: a hanging answer cannot be killed there)
   config.grading_timeout_s = 10.0
   config.lock()

@@ -26,5 +26,6 @@ def get_config():
   config.top_p = 0.95
   config.shard_size = 64
   config.max_batch_rows = 64
+  config.batching = "continuous"  # or "static" (docs/method.md, further knobs)
   config.lock()
   return config

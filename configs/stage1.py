@@ -20,6 +20,7 @@ def stage1_config(job: str = "stage1", variant: str = "") -> "common.ConfigDict"
   config.on_error = "skip"  # bad rows: "skip" (counted in the summary) or "raise" (error names file and row)
   config.shard_size = 16  # items per atomically written shard (problems for generate, solutions after)
   config.max_batch_rows = 64  # decode rows per engine batch (prompts x samples)
+  config.batching = "continuous"  # or "static" (docs/method.md, further knobs)
   config.generator = common.model("Qwen/Qwen2.5-14B-Instruct", init="pretrained", dtype="bfloat16")
   config.verifier = common.model("Qwen/Qwen3-32B", init="pretrained", dtype="bfloat16")
 

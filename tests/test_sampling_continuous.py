@@ -17,7 +17,7 @@ def params():
 
 
 def _run(params, prompts, settings, batching, rows, **kw):
-  engine_kw = {k: kw.pop(k) for k in ("refill_every", "refill_fraction") if k in kw}
+  engine_kw = {k: kw.pop(k) for k in ("refill_every", "refill_fraction", "unstack_layers") if k in kw}
   engine = sampling.SamplingEngine(TINY, params, max_batch_rows=rows, progress=False, batching=batching, **engine_kw)
   return engine.generate(prompts, settings, **kw), engine.stats
 
@@ -57,12 +57,14 @@ def test_continuous_matches_static_with_budgets_stops_and_refills(params):
     assert stats.tokens == ref_stats.tokens == sum(len(s.tokens) for o in ref for s in o)
 
 
-def test_greedy_continuous_equals_static_with_one_sample(params):
+@pytest.mark.parametrize("unstack", [True, False])
+def test_greedy_continuous_equals_static_with_one_sample(params, unstack):
+  """Per-layer buffers (the CPU layout) and stacked ones under a layer scan (the GPU/TPU layout)."""
   prompts = _prompts([3, 17, 9, 30, 5, 12, 1], seed=8)
   settings = core.SamplingParams(max_new_tokens=12)
   budgets = [12, 3, 7, 1, 12, 5, 9]
   ref, _ = _run(params, prompts, settings, "static", 4, max_new_tokens=budgets)
-  out, _ = _run(params, prompts, settings, "continuous", 2, max_new_tokens=budgets)
+  out, _ = _run(params, prompts, settings, "continuous", 2, max_new_tokens=budgets, unstack_layers=unstack)
   _same(out, ref)
   assert [len(o[0].tokens) for o in out] == budgets
 

@@ -171,7 +171,8 @@ def run_eval_math(config, model: Sampler | None = None) -> dict:
   pending = shards.pending()
   if pending and model is None:
     from spark_jax.sampling.chat import ChatModel
-    model = ChatModel.load(config.model, config.mesh, seed=config.seed, max_batch_rows=config.max_batch_rows)
+    model = ChatModel.load(config.model, config.mesh, seed=config.seed, max_batch_rows=config.max_batch_rows,
+                           batching=config.batching)
   pool = grading.GradingPool(num_workers=config.grading_workers, timeout_s=config.grading_timeout_s) \
       if pending and config.grading_workers else None
   thinking = _THINKING[config.thinking]

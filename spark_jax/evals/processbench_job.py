@@ -70,7 +70,7 @@ def run_processbench(config) -> dict:
   out_dir = config.workdir
   shards = io.ShardedOutput(out_dir, "predictions", cases, config.shard_size)
   model = ChatModel.load(config.model, config.mesh, seed=config.seed,
-                         max_batch_rows=config.max_batch_rows) if shards.pending() else None
+                         max_batch_rows=config.max_batch_rows, batching=config.batching) if shards.pending() else None
 
   def work(items):
     if config.mode == "prm":

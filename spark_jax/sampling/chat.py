@@ -33,16 +33,18 @@ class ChatModel:
   mesh: object
   name: str
   max_batch_rows: int = 64
+  batching: str = "continuous"
 
   def __post_init__(self):
     from spark_jax.sampling.engine import SamplingEngine
     # One engine per model: weights are placed once and compiled programs are reused across calls.
     self.engine = SamplingEngine(self.cfg, self.params, mesh=self.mesh, max_batch_rows=self.max_batch_rows,
-                                 progress=False)  # the job's shard bar reports progress
+                                 progress=False, batching=self.batching)  # the job's shard bar reports progress
     self._token_bytes = None
 
   @classmethod
-  def load(cls, model_config, mesh_config, *, seed: int = 0, max_batch_rows: int = 64) -> "ChatModel":
+  def load(cls, model_config, mesh_config, *, seed: int = 0, max_batch_rows: int = 64,
+           batching: str = "continuous") -> "ChatModel":
     """`model_config`: a configs.common.model() ConfigDict. The checkpoint must carry a tokenizer."""
     mesh = sharding.make_mesh(dict(mesh_config))
     with sharding.use_mesh(mesh):
@@ -51,7 +53,7 @@ class ChatModel:
     if ckpt_dir is None:
       raise ValueError(f"model {model_config.name!r} (init={model_config.init!r}) has no tokenizer: chat jobs need "
                        "a checkpoint directory with tokenizer files (or the packaged smollm2-135m-instruct).")
-    return cls(cfg, params, Tokenizer.from_pretrained(ckpt_dir), mesh, model_config.name, max_batch_rows)
+    return cls(cfg, params, Tokenizer.from_pretrained(ckpt_dir), mesh, model_config.name, max_batch_rows, batching)
 
   def render(self, user_message: str, *, enable_thinking: bool | None = None) -> list[int]:
     return self.tokenizer.apply_chat_template([{"role": "user", "content": user_message}],

@@ -42,7 +42,7 @@ def run(engine, params, prompts: Sequence[np.ndarray], settings: core.SamplingPa
   G = slot_groups(len(prompts), ns, engine.max_batch_rows, engine._row_multiple)
   N = G * ns
   prompt_slots = bucket_length(max(len(p) for p in prompts), engine.prompt_buckets)
-  unstack = jax.default_backend() == "cpu"
+  unstack = engine.unstack_layers
   window = None if table is None else core._window_width(settings, table)
   decode_params = engine._unstacked(params) if unstack else params
   state = engine._slot_program("init", settings, (G, prompt_slots, window, unstack), (), lambda: lambda: (

@@ -93,7 +93,8 @@ def _upstream_records(config, job: str, name: str, items: list[dict]) -> dict[st
 
 def _chat_model(config, which: str):
   from spark_jax.sampling.chat import ChatModel
-  return ChatModel.load(config[which], config.mesh, seed=config.seed, max_batch_rows=config.max_batch_rows)
+  return ChatModel.load(config[which], config.mesh, seed=config.seed, max_batch_rows=config.max_batch_rows,
+                        batching=config.batching)
 
 
 # ------------------------------------------------------------------------------------------------ generate

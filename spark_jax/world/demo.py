@@ -88,6 +88,7 @@ def stage1_config(config, results: dict) -> ConfigDict:
   c.mesh = config.mesh
   c.shard_size = s.shard_size
   c.max_batch_rows = config.max_batch_rows
+  c.batching = config.batching
   c.generator = _model(b["generator_dir"])
   c.verifier = _model(b["verifier_dir"])
   c.generate.num_solutions = s.num_solutions
@@ -195,6 +196,7 @@ def stage_processbench(config, results: dict) -> dict:
     c.limit = 0
     c.max_new_tokens = config.processbench.max_new_tokens
     c.max_batch_rows = config.max_batch_rows
+    c.batching = config.batching
     c.seed = config.seed
     c.mesh = config.mesh
     done = boot.finished_summary(c.workdir)
