@@ -371,6 +371,7 @@ def main(argv=None) -> None:
   parser.add_argument("--samples", type=int, default=16, help="--mixed: samples per prompt")
   parser.add_argument("--cap", type=int, default=128, help="--mixed: the largest output budget")
   parser.add_argument("--slots", type=int, default=64, help="--mixed: decode slots (static: rows per batch)")
+  parser.add_argument("--model", default="smollm2", help="--mixed: smollm2 (with HF) or a preset, random weights")
   parser.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                       help="fixed shapes: our engine's batching mode")
   parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

@@ -18,6 +18,12 @@ decode row-steps: rows x loop trips, finished rows included), and ratios against
 
     python benchmarks/sampling.py --mixed [--prompts 16] [--samples 16] [--cap 128] [--slots 64] [--rounds 1]
 
+On an accelerator (or to try other shapes), `--model <preset>` (e.g. qwen2.5-1.5b, qwen2.5-7b) runs our two
+engines on random weights of that preset in `--dtype` (HF needs a checkpoint, so it runs with the default
+SmolLM2 only):
+
+    python benchmarks/sampling.py --mixed --model qwen2.5-7b --dtype bfloat16 --prompts 64 --cap 1024 --slots 256
+
 It also counts the programs a 1,000-prompt mixed job compiles (a tiny random model: compile counts do not
 depend on the weights' size), for both of our engines.
 """
@@ -63,16 +69,28 @@ def static_row_steps(prompts, budgets, samples: int, slots: int) -> tuple[int, l
   return row_steps, batches
 
 
-def worker(engine: str, args) -> dict:
-  from spark_jax.models.gguf import smollm2_checkpoint
+def _load(args):
+  """(cfg, params) of the benchmark's model: SmolLM2 from its GGUF, or a preset with random weights."""
+  from spark_jax import models
 
-  path = smollm2_checkpoint()
+  if args.model == "smollm2":
+    from spark_jax.models.gguf import smollm2_checkpoint
+
+    return models.from_pretrained(smollm2_checkpoint(), dtype=args.dtype)
+  cfg = models.get_preset(args.model, dtype=args.dtype)
+  return cfg, models.init_params(cfg)
+
+
+def worker(engine: str, args) -> dict:
   budgets = budgets_for(args.prompts, args.cap)
   if engine == "hf":
+    from spark_jax.models.gguf import smollm2_checkpoint
+
+    path = smollm2_checkpoint()
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     prompts = prompts_for(args.prompts, model.config.vocab_size)
     row_steps, batches = static_row_steps(prompts, budgets, args.samples, args.slots)
 
@@ -110,9 +128,9 @@ def worker(engine: str, args) -> dict:
     return dict(engine=engine, seconds=seconds, tokens=tokens, row_steps=row_steps, compile_s=0.0,
                 threads=torch.get_num_threads())
 
-  from spark_jax import models, sampling
+  from spark_jax import sampling
 
-  cfg, params = models.from_pretrained(path)
+  cfg, params = _load(args)
   prompts = prompts_for(args.prompts, cfg.vocab_size)
   settings = sampling.SamplingParams(max_new_tokens=args.cap, temperature=1.0, num_samples=args.samples)
   engine_obj = sampling.SamplingEngine(cfg, params, max_batch_rows=args.slots, progress=False, batching=engine)
@@ -129,7 +147,7 @@ def worker(engine: str, args) -> dict:
               compile_s=compile_s, steps=engine_obj.stats.steps)
 
 
-def compile_counts(args) -> dict:
+def compile_counts() -> dict:
   """Programs compiled by a 1,000-prompt job on a tiny random model: lengths 1..256, long-tailed budgets."""
   from spark_jax import models, sampling
 
@@ -155,8 +173,9 @@ def _spawn(engine: str, args) -> dict:
   with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
     out_path = f.name
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--out", out_path, "--prompts",
-         str(args.prompts), "--samples", str(args.samples), "--cap", str(args.cap), "--slots", str(args.slots)]
-  proc = subprocess.run(cmd, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True)
+         str(args.prompts), "--samples", str(args.samples), "--cap", str(args.cap), "--slots", str(args.slots),
+         "--model", args.model, "--dtype", args.dtype]
+  proc = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True)
   if proc.returncode != 0:
     raise RuntimeError(f"mixed-workload worker {engine} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
   with open(out_path) as f:
@@ -166,15 +185,17 @@ def _spawn(engine: str, args) -> dict:
 
 
 def main(args) -> None:
+  engines = ENGINES if args.model == "smollm2" else ENGINES[:2]
   budgets = budgets_for(args.prompts, args.cap)
   q = np.percentile(budgets, [0, 25, 50, 75, 90, 100]).astype(int)
+  model = "SmolLM2-135M" if args.model == "smollm2" else f"{args.model} (random weights)"
   print(f"mixed workload: {args.prompts} prompts x {args.samples} samples, prompts 48-128 tokens, cap {args.cap}, "
-        f"{args.slots} decode slots / static batch rows; SmolLM2-135M fp32, temperature 1")
+        f"{args.slots} decode slots / static batch rows; {model} {args.dtype}, temperature 1")
   print(f"budgets per prompt: min {q[0]}, p25 {q[1]}, median {q[2]}, p75 {q[3]}, p90 {q[4]}, max {q[5]}; "
         f"{int((budgets == args.cap).sum())} at the cap; {int(budgets.sum()) * args.samples} tokens asked")
   results: dict[str, list[dict]] = {}
   for r in range(args.rounds):
-    for engine in (ENGINES if r % 2 == 0 else ENGINES[::-1]):
+    for engine in (engines if r % 2 == 0 else engines[::-1]):
       results.setdefault(engine, []).append(_spawn(engine, args))
       print(f"  round {r + 1}/{args.rounds}: {engine} done ({results[engine][-1]['seconds']:.1f} s)",
             file=sys.stderr, flush=True)
@@ -183,15 +204,17 @@ def main(args) -> None:
   widths = [11, 12, 9, 7, 9, 7, 9]
   print(" | ".join(h.rjust(w) for h, w in zip(header, widths)))
   print("-" * (sum(widths) + 3 * len(widths)))
-  for engine in ENGINES:
+  for engine in engines:
     rs = results[engine]
     occ = statistics.median(x["tokens"] / x["row_steps"] for x in rs)
-    cols = [engine, f"{rate[engine]:.1f}", f"{rate[engine] / rate['static']:.2f}x", f"{rate[engine] / rate['hf']:.2f}x",
+    vs_hf = f"{rate[engine] / rate['hf']:.2f}x" if "hf" in rate else "-"
+    cols = [engine, f"{rate[engine]:.1f}", f"{rate[engine] / rate['static']:.2f}x", vs_hf,
             f"{occ:.2f}", f"{statistics.median(x['seconds'] for x in rs):.1f}",
             f"{statistics.median(x['compile_s'] for x in rs):.1f}"]
     print(" | ".join(str(c).rjust(w) for c, w in zip(cols, widths)), flush=True)
-  print(f"(medians of {args.rounds} round(s); HF with {results['hf'][0]['threads']} torch threads)")
-  counts = compile_counts(args)
+  if "hf" in results:
+    print(f"(medians of {args.rounds} round(s); HF with {results['hf'][0]['threads']} torch threads)")
+  counts = compile_counts()
   for batching, c in counts.items():
     print(f"1,000-prompt mixed job (tiny-qwen2, prompts 1-256 tokens, 4 samples, cap 32), {batching}: "
           f"{c['programs']} programs compiled ({c['compile_s']:.1f} s of {c['wall_s']:.1f} s), "
@@ -206,6 +229,8 @@ def _worker_main(argv) -> None:
   p.add_argument("--out", required=True)
   for name in ("prompts", "samples", "cap", "slots"):
     p.add_argument(f"--{name}", type=int, required=True)
+  p.add_argument("--model", required=True)
+  p.add_argument("--dtype", required=True)
   args = p.parse_args(argv)
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
   result = worker(args.worker, args)

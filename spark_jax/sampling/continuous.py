@@ -1,7 +1,7 @@
 """Continuous batching, the host half: keep the decode slots full while prompts wait.
 
 The loop alternates the two programs of `sampling.slots`: admit waiting prompts into free groups of slots
-(prefilled A at a time, A a power of two, at the bucketed length of the longest of them), then decode until
+(prefilled a power-of-two number at a time, at the bucketed length of the longest of them), then decode until
 `refill_every` steps have run, every slot is done, or enough groups are free to be worth a refill
 (`refill_fraction` of the groups, or all that are waiting). Finished groups are read back and freed after each
 decode call. Programs have fixed shapes (slot groups, prefix slots, M, admission size, prompt bucket), so a job
@@ -39,44 +39,44 @@ def run(engine, params, prompts: Sequence[np.ndarray], settings: core.SamplingPa
   from spark_jax.sampling.engine import _row_keys, bucket_length
 
   ns, M = settings.num_samples, settings.max_new_tokens
-  G = slot_groups(len(prompts), ns, engine.max_batch_rows, engine._row_multiple)
-  N = G * ns
+  groups = slot_groups(len(prompts), ns, engine.max_batch_rows, engine._row_multiple)
+  N = groups * ns
   prompt_slots = bucket_length(max(len(p) for p in prompts), engine.prompt_buckets)
   unstack = engine.unstack_layers
   window = None if table is None else core._window_width(settings, table)
   decode_params = engine._unstacked(params) if unstack else params
-  state = engine._slot_program("init", settings, (G, prompt_slots, window, unstack), (), lambda: lambda: (
-      slots.init_slots(engine.cfg, G, settings, prompt_slots, window, unstack=unstack)))()
+  state = engine._slot_program("init", settings, (groups, prompt_slots, window, unstack), (), lambda: lambda: (
+      slots.init_slots(engine.cfg, groups, settings, prompt_slots, window, unstack=unstack)))()
   waiting = collections.deque(sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i)))
-  free = list(range(G))
+  free = list(range(groups))
   occupant: dict[int, int] = {}
-  refill_min = max(1, math.ceil(engine.refill_fraction * G))
+  refill_min = max(1, math.ceil(engine.refill_fraction * groups))
   stats = engine.stats
   while waiting or occupant:
     while free and waiting:
       take = min(len(free), len(waiting))
-      A = min(1 << (take - 1).bit_length(), G)
+      batch = min(1 << (take - 1).bit_length(), groups)  # prompts per admission: a power of two
       chosen = [waiting.popleft() for _ in range(take)]
-      groups = [free.pop(0) for _ in range(take)]
+      targets = [free.pop(0) for _ in range(take)]
       length = min(bucket_length(max(len(prompts[i]) for i in chosen), engine.prompt_buckets), prompt_slots)
-      tokens = np.zeros((A, length), np.int32)
-      lengths = np.ones((A,), np.int32)
-      budgets_A = np.ones((A,), np.int32)
-      group_ids = np.full((A,), G, np.int32)  # G: a padding admission, written nowhere
-      indices = np.zeros((A,), np.int64)
-      for j, (i, g) in enumerate(zip(chosen, groups)):
+      tokens = np.zeros((batch, length), np.int32)
+      lengths = np.ones((batch,), np.int32)
+      budgets_B = np.ones((batch,), np.int32)
+      group_ids = np.full((batch,), groups, np.int32)  # past the last group: a padding admission, written nowhere
+      indices = np.zeros((batch,), np.int64)
+      for j, (i, g) in enumerate(zip(chosen, targets)):
         tokens[j, length - len(prompts[i]):] = prompts[i]
-        lengths[j], budgets_A[j], group_ids[j], indices[j] = len(prompts[i]), budgets[i], g, prompt_indices[i]
+        lengths[j], budgets_B[j], group_ids[j], indices[j] = len(prompts[i]), budgets[i], g, prompt_indices[i]
         occupant[g] = i
-      args = (params, state, tokens, lengths, budgets_A, _row_keys(seed, indices, ns), group_ids, table)
+      args = (params, state, tokens, lengths, budgets_B, _row_keys(seed, indices, ns), group_ids, table)
       args = engine._place_replicated_args(args)
-      state = engine._slot_program("admit", settings, (G, prompt_slots, window, unstack, A, length), args,
+      state = engine._slot_program("admit", settings, (groups, prompt_slots, window, unstack, batch, length), args,
                                    lambda: _admit_fn(engine.cfg, settings))(*args)
       stats.batches += 1
-    refill_at = min(refill_min, len(waiting)) if waiting else G + 1
+    refill_at = min(refill_min, len(waiting)) if waiting else groups + 1
     args = (decode_params, state, np.int32(engine.refill_every), np.int32(refill_at), table)
     args = engine._place_replicated_args(args)
-    state = engine._slot_program("decode", settings, (G, prompt_slots, window, unstack), args,
+    state = engine._slot_program("decode", settings, (groups, prompt_slots, window, unstack), args,
                                  lambda: _decode_fn(engine.cfg, settings))(*args)
     done_N = np.asarray(jax.device_get(state.done_N))
     finished = [g for g in list(occupant) if done_N[g * ns:(g + 1) * ns].all()]

@@ -4,12 +4,12 @@ The static core (`core.generate_core`) decodes one batch until its longest row i
 lengths the finished rows idle. Here the decode state lives across calls of two fixed-shape programs that
 the host alternates (`sampling.continuous`):
 
-  `admit`   prefills A waiting prompts (one bucketed length) and puts them into free groups of slots,
+  `admit`   prefills a batch of waiting prompts (one bucketed length) and puts them into free groups of slots,
             sampling each row's first token from the prefill;
   `decode`  runs decode steps over all N slots until `max_steps` steps have run, every row is done, or at
             least `refill_at` groups are free (checked in the loop's condition: no host round trip per step).
 
-Layout. The N = G x A_s slots form G groups of A_s = num_samples rows, one prompt per group: a prompt's samples
+Layout. The N slots form N / num_samples groups of num_samples rows, one prompt per group: a prompt's samples
 enter and leave together, so its prompt is prefilled once and read once per decode step as the group's shared
 prefix (`decoder.forward_cached(prefix=...)`), exactly as in the static core. The prefix holds P slots per group
 (the job's longest prompt bucket; shorter prompts sit right-aligned behind invalid slots); each row owns M slots
@@ -103,81 +103,80 @@ def init_slots(cfg: ModelConfig, groups: int, settings: core.SamplingParams, pro
   return _constrain(state)
 
 
-def _place_prefix(prefix_layer, block, groups_A, slot_axis: int):
-  """Writes each admitted prompt's prefilled block (A×K×…×Pb, left-padded) right-aligned into its group's P
-  prefix slots; padding admissions (group id G) are dropped."""
+def _place_prefix(prefix_layer, block, groups_B, slot_axis: int):
+  """Writes each admitted prompt's prefilled block (B×K×…×Pb, left-padded) right-aligned into its group's P
+  prefix slots; padding admissions (a group id past the last group) are dropped."""
   P, Pb = prefix_layer.shape[slot_axis], block.shape[slot_axis]
   pad = [(0, 0)] * block.ndim
   pad[slot_axis] = (P - Pb, 0)
-  return prefix_layer.at[groups_A].set(jnp.pad(block, pad).astype(prefix_layer.dtype), mode="drop")
+  return prefix_layer.at[groups_B].set(jnp.pad(block, pad).astype(prefix_layer.dtype), mode="drop")
 
 
-def admit(cfg: ModelConfig, params: decoder.Params, state: SlotState, tokens_AxP: jax.Array,
-          lengths_A: jax.Array, budgets_A: jax.Array, keys_R: jax.Array, groups_A: jax.Array,
+def admit(cfg: ModelConfig, params: decoder.Params, state: SlotState, tokens_BxP: jax.Array,
+          lengths_B: jax.Array, budgets_B: jax.Array, keys_BA: jax.Array, groups_B: jax.Array,
           settings: core.SamplingParams, table: core.StopTable | None) -> SlotState:
-  """Prefills A left-padded prompts and starts their samples in groups `groups_A` (id G = a padding admission,
-  written nowhere). `keys_R` holds the R = A x num_samples row keys, prompt-major; `budgets_A` each prompt's
-  new-token budget (1..M). Each row's first token is sampled from the prefill with fold_in(key, 0)."""
-  G = state.prefix.valid_BxS.shape[0]
+  """Prefills B left-padded prompts and starts their samples in groups `groups_B` (an id past the last group: a
+  padding admission, written nowhere). `keys_BA` holds the B x num_samples row keys, prompt-major; `budgets_B`
+  each prompt's new-token budget (1..M). Each row's first token is sampled from the prefill with fold_in(key, 0)."""
+  groups = state.prefix.valid_BxS.shape[0]
   N, M = state.tokens_NxM.shape
-  ns = N // G
-  A, Pb = tokens_AxP.shape
-  lengths_A = lengths_A.astype(jnp.int32)
-  mask_AxP = jnp.arange(Pb)[None, :] >= (Pb - lengths_A)[:, None]
-  tokens_AxP = jnp.where(mask_AxP, tokens_AxP.astype(jnp.int32), 0)
-  block = decoder.init_cache(cfg, A, Pb)
-  logits_Ax1xV, block = decoder.forward_cached(cfg, params, tokens_AxP, decoder.default_positions(mask_AxP),
-                                               mask_AxP, block, 0, last_only=True)
-  groups_A = groups_A.astype(jnp.int32)
+  ns = N // groups
+  B, Pb = tokens_BxP.shape
+  lengths_B = lengths_B.astype(jnp.int32)
+  mask_BxP = jnp.arange(Pb)[None, :] >= (Pb - lengths_B)[:, None]
+  tokens_BxP = jnp.where(mask_BxP, tokens_BxP.astype(jnp.int32), 0)
+  block = decoder.init_cache(cfg, B, Pb)
+  logits_Bx1xV, block = decoder.forward_cached(cfg, params, tokens_BxP, decoder.default_positions(mask_BxP),
+                                               mask_BxP, block, 0, last_only=True)
+  groups_B = groups_B.astype(jnp.int32)
   k_pre, v_pre = state.prefix.k_LxBxKxExS, state.prefix.v_LxBxKxSxE
   if isinstance(k_pre, (list, tuple)):
-    k_pre = tuple(_place_prefix(k_pre[i], block.k_LxBxKxExS[i], groups_A, 3) for i in range(cfg.num_layers))
-    v_pre = tuple(_place_prefix(v_pre[i], block.v_LxBxKxSxE[i], groups_A, 2) for i in range(cfg.num_layers))
+    k_pre = tuple(_place_prefix(k_pre[i], block.k_LxBxKxExS[i], groups_B, 3) for i in range(cfg.num_layers))
+    v_pre = tuple(_place_prefix(v_pre[i], block.v_LxBxKxSxE[i], groups_B, 2) for i in range(cfg.num_layers))
   else:
-    k_pre = jax.vmap(_place_prefix, in_axes=(0, 0, None, None))(k_pre, block.k_LxBxKxExS, groups_A, 3)
-    v_pre = jax.vmap(_place_prefix, in_axes=(0, 0, None, None))(v_pre, block.v_LxBxKxSxE, groups_A, 2)
-  valid_pre = _place_prefix(state.prefix.valid_BxS, block.valid_BxS, groups_A, 1)
+    k_pre = jax.vmap(_place_prefix, in_axes=(0, 0, None, None))(k_pre, block.k_LxBxKxExS, groups_B, 3)
+    v_pre = jax.vmap(_place_prefix, in_axes=(0, 0, None, None))(v_pre, block.v_LxBxKxSxE, groups_B, 2)
+  valid_pre = _place_prefix(state.prefix.valid_BxS, block.valid_BxS, groups_B, 1)
   prefix = decoder.KVCache(k_pre, v_pre, valid_pre)
 
-  rows_R = (groups_A[:, None] * ns + jnp.arange(ns)[None, :]).reshape(-1)  # rows >= N: padding, dropped
-  admitted_N = jnp.zeros((N,), jnp.bool_).at[rows_R].set(True, mode="drop")
+  rows_BA = (groups_B[:, None] * ns + jnp.arange(ns)[None, :]).reshape(-1)  # rows >= N: padding, dropped
+  admitted_N = jnp.zeros((N,), jnp.bool_).at[rows_BA].set(True, mode="drop")
 
-  def put(x_N, values_R):
-    return x_N.at[rows_R].set(values_R.astype(x_N.dtype), mode="drop")
+  def put(x_N, values_BA):
+    return x_N.at[rows_BA].set(values_BA.astype(x_N.dtype), mode="drop")
 
   fresh = dataclasses.replace(
       state, prefix=prefix,
       cache=dataclasses.replace(state.cache, valid_BxS=jnp.where(admitted_N[:, None], False, state.cache.valid_BxS)),
-      prompt_len_N=put(state.prompt_len_N, jnp.repeat(lengths_A, ns)),
-      budget_N=put(state.budget_N, jnp.clip(jnp.repeat(budgets_A, ns), 1, M)),
-      keys_N=state.keys_N.at[rows_R].set(keys_R.astype(state.keys_N.dtype), mode="drop"),
+      prompt_len_N=put(state.prompt_len_N, jnp.repeat(lengths_B, ns)),
+      budget_N=put(state.budget_N, jnp.clip(jnp.repeat(budgets_B, ns), 1, M)),
+      keys_N=state.keys_N.at[rows_BA].set(keys_BA.astype(state.keys_N.dtype), mode="drop"),
       tokens_NxM=jnp.where(admitted_N[:, None], 0, state.tokens_NxM),
       logprobs_NxM=jnp.where(admitted_N[:, None], 0.0, state.logprobs_NxM),
       finish_N=jnp.where(admitted_N, core.FINISH_LENGTH, state.finish_N),
       lengths_N=jnp.where(admitted_N, 0, state.lengths_N),
       window_NxW=None if state.window_NxW is None else jnp.where(admitted_N[:, None], -1, state.window_NxW),
       done_N=~admitted_N)  # for `_record`: only the admitted rows take the prefill's token
-  tok_R, lp_R = core.sample_tokens(jnp.repeat(logits_Ax1xV[:, 0], ns, axis=0),
-                                   jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_R, 0), settings)
-  tok_N, lp_N = put(jnp.zeros((N,), jnp.int32), tok_R), put(jnp.zeros((N,), jnp.float32), lp_R)
+  tok_BA, lp_BA = core.sample_tokens(jnp.repeat(logits_Bx1xV[:, 0], ns, axis=0),
+                                   jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_BA, 0), settings)
+  tok_N, lp_N = put(jnp.zeros((N,), jnp.int32), tok_BA), put(jnp.zeros((N,), jnp.float32), lp_BA)
   recorded = core._record(fresh, jnp.where(admitted_N, 0, M), tok_N, lp_N, settings, table, fresh.budget_N)
   out = dataclasses.replace(
       recorded, last_N=jnp.where(admitted_N, recorded.last_N, state.last_N),
       done_N=jnp.where(admitted_N, recorded.done_N, state.done_N),
-      row_steps=state.row_steps + A * ns)
+      row_steps=state.row_steps + B * ns)
   return _constrain(out)
 
 
 def free_groups(state: SlotState) -> jax.Array:
-  """G bools: every row of the group is done (finished, or never admitted)."""
-  G = state.prefix.valid_BxS.shape[0]
-  return jnp.all(state.done_N.reshape(G, -1), axis=1)
+  """One bool per group (the prefix's rows): every row of the group is done (finished, or never admitted)."""
+  return jnp.all(state.done_N.reshape(state.prefix.valid_BxS.shape[0], -1), axis=1)
 
 
 def decode(cfg: ModelConfig, params: decoder.Params, state: SlotState, max_steps: jax.Array,
            refill_at: jax.Array, settings: core.SamplingParams, table: core.StopTable | None) -> SlotState:
   """Decode steps over all slots while fewer than `max_steps` steps have run in this call, some row is active
-  and fewer than `refill_at` groups are free (pass G + 1 when nothing waits to be admitted)."""
+  and fewer than `refill_at` groups are free (pass more than the group count when nothing waits)."""
   N, M = state.tokens_NxM.shape
   ones_Nx1 = jnp.ones((N, 1), jnp.bool_)
 
