@@ -6,6 +6,15 @@ Prints a table (this is a script, not a timed test):
   ships), prompt 128, 128 new tokens with EOS ignored, greedy, batch 1/8/32.
 
       python benchmarks/sampling.py [--batches 1,8,32] [--prompt-len 128] [--new-tokens 128] [--rounds 3]
+                                    [--dtype bfloat16] [--batching static]
+
+  Both engines load the weights in `--dtype` (compare fp32 with fp32, bf16 with bf16); ours samples with the
+  engine's default continuous batching unless `--batching static`.
+
+  Mixed output lengths (--mixed): the Stage I-shaped workload, our continuous and static engines and HF
+  `generate` at the same per-prompt budgets; see benchmarks/sampling_mixed.py.
+
+      python benchmarks/sampling.py --mixed [--prompts 16] [--samples 16] [--cap 128] [--slots 64] [--rounds 1]
 
   GPU (--gpu): Qwen2.5-1.5B and 7B shapes with random bf16 weights at batch 1/64/256, plus the % of the HBM
   roofline at batch 1: (bytes of weights + KV cache read per decode step) / measured copy bandwidth, over

@@ -1,9 +1,11 @@
 """Sampling: a pure, jit-traceable generation core and a batch engine around it.
 
-* `generate(cfg, params, prompts, *, max_new_tokens, ...)`: the batch job (sort, bucket, batch, restore
-  order, progress bar); returns one list of `Sample`s per prompt.
-* `SamplingEngine`: the same with options (mesh, batch rows, buckets), compiled programs kept, and params an
-  argument of every call (`generate(..., params=...)`: new weights of the same shapes reuse the programs).
+* `generate(cfg, params, prompts, *, max_new_tokens, ...)`: the batch job (continuous batching by default,
+  restore order, progress bar); returns one list of `Sample`s per prompt.
+* `SamplingEngine`: the same with options (mesh, decode rows, buckets, `batching="continuous"|"static"`),
+  compiled programs kept, params an argument of every call (`generate(..., params=...)`: new weights of the
+  same shapes reuse the programs) and a token budget per prompt (`generate(..., max_new_tokens=[...])`).
+* `slots` / `continuous`: continuous batching, the pure programs (admit, decode over slots) and the host loop.
 * `generate_core(cfg, params, tokens_BxP, lengths_B, row_keys_N, SamplingParams, stop_table, *, row_active_N)`:
   arrays in, arrays out, no host round trip: call it inside another `jit` (GRPO rollouts, PRM verification).
 """

@@ -1,6 +1,8 @@
-"""Batch sampling job around the pure core: validate, sort, bucket, batch, run, restore order.
+"""Batch sampling job around the pure cores: validate, batch (continuous or static), run, restore order.
 
-Any number of prompts goes in; they are sorted by length and cut into batches of at most `max_batch_rows`
+With `batching="continuous"` (the default) the prompts flow through `max_batch_rows` decode slots that are
+refilled as prompts finish (`sampling.continuous`, `sampling.slots`). With `batching="static"` (below), they
+are sorted by length and cut into batches of at most `max_batch_rows`
 decode rows, each batch left-padded to a bucketed prompt length and a bucketed prompt count, so a long job
 compiles a handful of programs (`compiled_program_count()` counts them process-wide). Results come back in
 the original prompt order.
