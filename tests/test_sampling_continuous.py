@@ -51,10 +51,13 @@ def test_continuous_matches_static_with_budgets_stops_and_refills(params):
   for o, budget in zip(ref, budgets):
     assert all(1 <= len(s.tokens) <= budget for s in o)
     assert all(len(s.tokens) == budget for s in o if s.finish_reason == "length")
-  for rows, rule in [(6, {}), (12, dict(refill_every=1)), (24, dict(refill_fraction=1.0, refill_every=1000))]:
+  for rows, rule in [(6, {}), (12, dict(refill_every=1)), (24, dict(refill_fraction=1.0, refill_every=1000)),
+                     (12, dict(unstack_layers=False))]:  # the last: stacked layers under a scan (GPU/TPU layout)
     out, stats = _run(params, prompts, settings, "continuous", rows, **kw, **rule)
     _same(out, ref)
     assert stats.tokens == ref_stats.tokens == sum(len(s.tokens) for o in ref for s in o)
+    groups = rows // 3
+    assert stats.rows == rows and stats.batches > 13 // groups, stats  # refills happened (admission calls)
 
 
 @pytest.mark.parametrize("unstack", [True, False])

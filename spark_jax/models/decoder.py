@@ -213,17 +213,24 @@ def _cache_write(cache, new, layer, index):
 
 
 def _cache_write_rows(cache, new_BxKxE, layer, slots_B, slot_axis: int):
-  """Writes row b's new key or value at its own slot `slots_B[b]` (a scatter; in place inside a loop).
+  """Writes row b's new key or value at its own slot `slots_B[b]` (in place inside a loop).
 
   `slot_axis` is the slot dimension of this layer's B×K×… buffer: 3 for keys (B×K×E×S), 2 for values
-  (B×K×S×E)."""
-  B = new_BxKxE.shape[0]
-  rows_B = jnp.arange(B)
-  index = [rows_B, slice(None), slice(None), slice(None)]
-  index[slot_axis] = slots_B
-  if layer is not None:
-    index = [layer] + index
-  return cache.at[tuple(index)].set(new_BxKxE.astype(cache.dtype), mode="drop")
+  (B×K×S×E). A `dynamic_update_slice` mapped over rows: XLA's partitioner keeps it local to each row shard,
+  where an indexed scatter (`.at[rows, ..., slots]`) gathered the updates and indices across the mesh.
+  Slots are in range (the caller clips them)."""
+  new_BxKxE = new_BxKxE.astype(cache.dtype)
+
+  def write_row(row, new_KxE, slot):  # row: K×E×S or K×S×E, or L×… with the layer axis first
+    update = jnp.expand_dims(new_KxE, slot_axis - 1)
+    start = [0, 0, 0]
+    start[slot_axis - 1] = slot
+    if layer is None:
+      return jax.lax.dynamic_update_slice(row, update, start)
+    return jax.lax.dynamic_update_slice(row, update[None], [layer] + start)
+
+  row_axis = 0 if layer is None else 1
+  return jax.vmap(write_row, in_axes=(row_axis, 0, 0), out_axes=row_axis)(cache, new_BxKxE, slots_B)
 
 
 def _attend(q_BxKxGxTxE, k_BxKxExS, v_BxKxSxE, mask_BxTxS):

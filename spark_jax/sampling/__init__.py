@@ -6,7 +6,8 @@
   compiled programs kept, params an argument of every call (`generate(..., params=...)`: new weights of the
   same shapes reuse the programs) and a token budget per prompt (`generate(..., max_new_tokens=[...])`).
 * `slots` / `continuous`: continuous batching, the pure programs (admit, decode over slots) and the host loop.
-* `generate_core(cfg, params, tokens_BxP, lengths_B, row_keys_N, SamplingParams, stop_table, *, row_active_N)`:
+* `generate_core(cfg, params, tokens_BxP, lengths_B, row_keys_N, SamplingParams, stop_table, *, row_active_N,
+  row_budget_N, unstack_layers)`:
   arrays in, arrays out, no host round trip: call it inside another `jit` (GRPO rollouts, PRM verification).
 """
 

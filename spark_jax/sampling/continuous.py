@@ -1,7 +1,7 @@
 """Continuous batching, the host half: keep the decode slots full while prompts wait.
 
 The loop alternates the two programs of `sampling.slots`: admit waiting prompts into free groups of slots
-(prefilled a power-of-two number at a time, at the bucketed length of the longest of them), then decode until
+(prefilled a power-of-two number at a time, or all groups' worth, at the bucketed length of the longest of them), then decode until
 `refill_every` steps have run, every slot is done, or enough groups are free to be worth a refill
 (`refill_fraction` of the groups, or all that are waiting). Finished groups are read back and freed after each
 decode call. Programs have fixed shapes (slot groups, prefix slots, M, admission size, prompt bucket), so a job
@@ -55,7 +55,7 @@ def run(engine, params, prompts: Sequence[np.ndarray], settings: core.SamplingPa
   while waiting or occupant:
     while free and waiting:
       take = min(len(free), len(waiting))
-      batch = min(1 << (take - 1).bit_length(), groups)  # prompts per admission: a power of two
+      batch = min(1 << (take - 1).bit_length(), groups)  # prompts per admission: a power of two, or all groups
       chosen = [waiting.popleft() for _ in range(take)]
       targets = [free.pop(0) for _ in range(take)]
       length = min(bucket_length(max(len(prompts[i]) for i in chosen), engine.prompt_buckets), prompt_slots)
@@ -80,14 +80,13 @@ def run(engine, params, prompts: Sequence[np.ndarray], settings: core.SamplingPa
                                  lambda: _decode_fn(engine.cfg, settings))(*args)
     done_N = np.asarray(jax.device_get(state.done_N))
     finished = [g for g in list(occupant) if done_N[g * ns:(g + 1) * ns].all()]
-    if finished:
+    for g in sorted(finished):  # read back only the finished groups' rows
+      start = np.int32(g * ns)
       tokens, logprobs, lengths, finish = jax.device_get(
-          (state.tokens_NxM, state.logprobs_NxM, state.lengths_N, state.finish_N))
-      for g in sorted(finished):
-        rows = slice(g * ns, (g + 1) * ns)
-        on_done(occupant.pop(g), tokens[rows], logprobs[rows], lengths[rows], finish[rows])
-        free.append(g)
-      free.sort()
+          [_group_rows(x, start, ns) for x in (state.tokens_NxM, state.logprobs_NxM, state.lengths_N, state.finish_N)])
+      on_done(occupant.pop(g), tokens, logprobs, lengths, finish)
+      free.append(g)
+    free.sort()
   steps, row_steps = jax.device_get((state.steps, state.row_steps))
   stats.rows += N
   stats.steps += int(steps)
@@ -115,3 +114,4 @@ def compile_program(fn, args, mesh, donate_state: bool):
 
 
 unstack_layers = jax.jit(decoder.unstack_layers)
+_group_rows = jax.jit(lambda x, start, size: jax.lax.dynamic_slice_in_dim(x, start, size), static_argnums=2)

@@ -294,10 +294,19 @@ class _State:
 
 def _write_column(x_NxM, values_N, column):
   """x with x[n, column] = values_N[n]: one column for every row (scalar), or each row its own (N-vector;
-  out-of-range columns are not written)."""
+  a column out of range leaves its row unchanged). Per row, a mapped `dynamic_update_slice`, which stays
+  local to each row shard on a mesh."""
   if jnp.ndim(column) == 0:
     return jax.lax.dynamic_update_slice(x_NxM, values_N[:, None], (0, column))
-  return x_NxM.at[jnp.arange(x_NxM.shape[0]), column].set(values_N, mode="drop")
+  M = x_NxM.shape[1]
+
+  def write_row(row_M, value, col):
+    inside = (col >= 0) & (col < M)
+    slot = jnp.clip(col, 0, M - 1)
+    current = jax.lax.dynamic_index_in_dim(row_M, slot, keepdims=False)
+    return jax.lax.dynamic_update_slice(row_M, jnp.where(inside, value, current)[None].astype(row_M.dtype), (slot,))
+
+  return jax.vmap(write_row)(x_NxM, values_N, column)
 
 
 def _record(state, step, tokens_N, logprobs_N, params: SamplingParams, table, budget_N=None):

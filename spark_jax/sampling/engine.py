@@ -423,7 +423,7 @@ def _to_sample(tokens, logprobs, n: int, finish: int, settings: core.SamplingPar
 
 
 def _validate_budgets(budgets, num_prompts: int, cap: int) -> np.ndarray:
-  if budgets is None:
+  if budgets is None or (num_prompts == 0 and len(budgets) == 0):
     return np.full((num_prompts,), cap, np.int32)
   arr = np.asarray(budgets)
   if arr.shape != (num_prompts,) or not np.issubdtype(arr.dtype, np.integer):

@@ -16,7 +16,7 @@ prefix (`decoder.forward_cached(prefix=...)`), exactly as in the static core. Th
 for what it generates. Rows sit at different token indices, so a decode step writes each row's key and value at
 its own slot (`write_index` per row) and draws its token with fold_in(row key, its own token index): a row's
 output depends on its prompt index, sample index and token index only, never on the slot, the loop step or
-the refill order, and equals what the static core draws for it.
+the refill order, and equals what the static core draws for it up to float rounding between program shapes.
 
 A slot row is free when it is done (`done_N`); a group is free when all its rows are done. Empty slots start
 done. Each row may carry its own budget (`budget_N`, at most M new tokens).
@@ -96,7 +96,7 @@ def init_slots(cfg: ModelConfig, groups: int, settings: core.SamplingParams, pro
   window = None if window_width is None else jnp.full((N, window_width), -1, jnp.int16)
   state = SlotState(
       cache=cache, prefix=prefix, prompt_len_N=zeros_N, budget_N=zeros_N,
-      keys_N=jnp.zeros((N, 2), jnp.uint32), last_N=zeros_N, tokens_NxM=jnp.zeros((N, M), jnp.int32),
+      keys_N=jnp.zeros((N, jax.random.key_data(jax.random.PRNGKey(0)).shape[-1]), jnp.uint32), last_N=zeros_N, tokens_NxM=jnp.zeros((N, M), jnp.int32),
       logprobs_NxM=jnp.zeros((N, M), jnp.float32), done_N=jnp.ones((N,), jnp.bool_),
       finish_N=jnp.full((N,), core.FINISH_INACTIVE, jnp.int32), lengths_N=zeros_N, window_NxW=window,
       steps=jnp.int32(0), row_steps=jnp.int32(0))

@@ -161,11 +161,11 @@ def train(config: ConfigDict) -> dict:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def _chat_model(model_dir: str, mesh, seed: int, max_batch_rows: int):
+def _chat_model(model_dir: str, mesh, seed: int, max_batch_rows: int, batching: str):
   from configs import common
   from spark_jax.sampling.chat import ChatModel
   return ChatModel.load(common.model(model_dir, init="pretrained", dtype="float32"), mesh, seed=seed,
-                        max_batch_rows=max_batch_rows)
+                        max_batch_rows=max_batch_rows, batching=batching)
 
 
 def measure_generator(model, problems: Sequence[task_lib.Problem], *, temperature: float, max_new_tokens: int,
@@ -215,7 +215,8 @@ def measure_verifier(model, problems: Sequence[task_lib.Problem], *, error_rate:
 def run_bootstrap(config, workdir: str) -> dict:
   """Tokenizer, training data, both models and their measurements under `workdir`; returns the summary.
 
-  `config` is the demo config (sections `world` and `bootstrap`, `seed`, `mesh`, `max_batch_rows`).
+  `config` is the demo config (sections `world` and `bootstrap`, `seed`, `mesh`, `max_batch_rows`,
+  `batching`).
   """
   with io.file_lock(workdir.rstrip("/") + ".lock"):  # one trainer per cache entry; others wait, then read it
     return finished_summary(workdir) or _run_bootstrap(config, workdir)
@@ -251,11 +252,11 @@ def _run_bootstrap(config, workdir: str) -> dict:
 
   t = time.time()
   held_out = task_lib.make_problems(config.seed * 1000 + 2, b.eval_problems, tc, prefix="heldout")
-  generator = _chat_model(gen_sft["export_dir"], config.mesh, config.seed, config.max_batch_rows)
+  generator = _chat_model(gen_sft["export_dir"], config.mesh, config.seed, config.max_batch_rows, config.batching)
   gen_metrics = {name: measure_generator(generator, held_out, temperature=temp, max_new_tokens=b.max_new_tokens,
                                          seed=config.seed)
                  for name, temp in (("greedy", 0.0), ("sampled", config.stage1.generator_temperature))}
-  verifier = _chat_model(ver_sft["export_dir"], config.mesh, config.seed, config.max_batch_rows)
+  verifier = _chat_model(ver_sft["export_dir"], config.mesh, config.seed, config.max_batch_rows, config.batching)
   ver_metrics = {name: measure_verifier(verifier, held_out, error_rate=b.generator_error_rate, temperature=temp,
                                         max_new_tokens=b.max_new_tokens, seed=config.seed)
                  for name, temp in (("greedy", 0.0), ("sampled", config.stage1.verifier_temperature))}
