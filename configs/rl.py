@@ -41,6 +41,9 @@ def rl_config() -> ConfigDict:
   export_dir ("" = workdir/export, "none" = no export), progress_bar.
   resume                        "auto" | "force" (resume a checkpoint written with other settings).
   debug_stop_after              stop after this step (tests of resumption); 0 = off.
+  grading_workers / grading_timeout_s   the run's one math_verify pool (rlvr rewards, validation): worker
+                                processes kept for the whole run, and the per-answer time limit (a hung
+                                answer counts as wrong).
   """
   c = common.base("rl", "runs/rl")
   c.policy = common.model("qwen2.5-0.5b", init="random")
@@ -88,6 +91,8 @@ def rl_config() -> ConfigDict:
   c.keep_checkpoints = 2
   c.resume = "auto"
   c.debug_stop_after = 0
+  c.grading_workers = 4
+  c.grading_timeout_s = 10.0
   c.log_every = 1
   c.export_dir = ""
   c.progress_bar = True
@@ -197,3 +202,4 @@ def world_settings(config, *, policy_dir: str, prm_dir: str | None, train: str, 
   config.eval_samples = 4
   config.checkpoint_every = 10
   config.export_dir = "none"
+  config.grading_workers = 1  # one-number answers: one worker keeps up, and the 2 cores stay with the step

@@ -65,7 +65,7 @@ def _update_curve(cfg, params, ro, mesh, settings, steps=3):
              "advantages_NxR": jnp.asarray(ro["adv"]), "ref_logprobs_NxR": lp}
     out = []
     for _ in range(steps):
-      state, m = update(state, batch)
+      state, m, _ = update(state, batch)
       out.append((float(m["loss"]), float(m["grad_norm"]), float(m["kl"]), float(m["clip_frac"])))
   return np.asarray(out), np.asarray(lp)
 
@@ -98,6 +98,38 @@ def test_sharded_update_matches_one_device(tiny, rollouts):
   assert one[0, 3] == 0.0
   assert one[-1, 2] > 0  # the policy moved away from the reference
   assert one[-1, 0] != one[0, 0]
+
+
+def test_on_policy_update_equals_recomputed_pi_old(tiny, rollouts):
+  """old_logprobs_NxR=None (one mini-batch, one epoch): pi_old is the step's own forward pass. Same loss,
+  gradient and parameters as the step given the separately recomputed pi_old, up to float rounding; the
+  returned log-probs are that recomputation."""
+  cfg, params = tiny
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  settings = rl_step.UpdateSettings(beta=0.0, logits_chunk=8)
+  tx, sched = train_step.make_optimizer(cfg, lr=1e-2, total_steps=1, warmup_ratio=0.0, schedule="constant")
+  update = rl_step.make_update_step(cfg, tx, sched, mesh, settings)
+  with shd.use_mesh(mesh):
+    tokens, mask = rl_step.sequences(jnp.asarray(rollouts["pt"]), jnp.asarray(rollouts["pl"]),
+                                     jnp.asarray(rollouts["tokens"]), jnp.asarray(rollouts["lengths"]), G)
+    outs = []
+    for on_policy in (False, True):
+      state = train_step.init_state(cfg, params, tx, mesh)
+      lp = rl_step.make_logprob_fn(cfg, mesh)(state["params"], tokens, mask, R)
+      batch = {"tokens_NxT": tokens, "mask_NxT": mask, "old_logprobs_NxR": None if on_policy else lp,
+               "advantages_NxR": jnp.asarray(rollouts["adv"]), "ref_logprobs_NxR": jnp.zeros_like(lp)}
+      state, m, step_lp = update(state, batch)
+      outs.append((jax.device_get(state["params"]), m, np.asarray(step_lp), np.asarray(lp)))
+  (p0, m0, _, lp0), (p1, m1, step_lp1, _) = outs
+  np.testing.assert_allclose(step_lp1, lp0, atol=1e-5)
+  assert np.abs(lp0).sum() > 0  # real log-probs, not an empty response mask
+  for k in ("loss", "grad_norm", "pg_loss"):
+    assert float(m1[k]) == pytest.approx(float(m0[k]), rel=1e-4, abs=1e-6), k
+  assert float(m1["clip_frac"]) == 0.0
+  for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(p1)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)))
+  assert moved > 1e-4  # the step changed the parameters
 
 
 def test_reward_type_and_settings_errors():

@@ -146,11 +146,6 @@ def _tokenizer(directory: str, ckpt_dir: str | None, which: str):
   return Tokenizer.from_pretrained(source)
 
 
-def _grade(responses: list[str], golds: list[Any]) -> np.ndarray:
-  from spark_jax.evals.grading import grade_responses
-  return np.asarray(grade_responses(responses, golds), np.float32)
-
-
 class Evaluator:
   """The policy's answers to the validation prompts, graded with math_verify: accuracy, format-valid share and
   response length. Greedy pass@1 by default; with `eval_temperature > 0`, `eval_samples` draws per prompt at
@@ -160,7 +155,7 @@ class Evaluator:
   Uses the sampling engine with the current params per call (same shapes: no recompilation); the draws use a
   fixed seed, so successive evaluations differ only by the parameters."""
 
-  def __init__(self, config, pcfg, params, tokenizer, mesh):
+  def __init__(self, config, pcfg, params, tokenizer, mesh, grade):
     from spark_jax.sampling import core
     from spark_jax.sampling.engine import SamplingEngine
     prompts = policy_lib.load_rl_prompts(config.data.val, problem_key=config.data.problem_key,
@@ -170,6 +165,7 @@ class Evaluator:
                                             max_prompt_tokens=int(config.max_prompt_tokens))
     self.golds = [p.ground_truth for p in prompts]
     self.tokenizer = tokenizer
+    self.grade = grade
     temperature, k = float(config.eval_temperature), int(config.eval_samples)
     if k < 1 or (temperature == 0.0 and k != 1):
       raise ValueError(f"eval_samples={k} with eval_temperature={temperature}: greedy evaluation takes one sample "
@@ -185,7 +181,7 @@ class Evaluator:
     samples = self.engine.generate(self.ids, self.settings, params=params, seed=self.seed)
     texts = [self.tokenizer.decode(s.tokens, skip_special_tokens=True) for group in samples for s in group]
     golds = [g for g, group in zip(self.golds, samples) for _ in group]
-    return {"accuracy": float(np.mean(_grade(texts, golds))),
+    return {"accuracy": float(np.mean(self.grade(texts, golds))),
             "format_ok": float(np.mean([rewards_lib.format_ok(t) for t in texts])),
             "response_length": float(np.mean([len(s.tokens) for group in samples for s in group]))}
 
@@ -193,7 +189,7 @@ class Evaluator:
 # Fields that leave the numbers alone: a checkpoint written under other values still resumes.
 NOT_RESULT = ("job", "workdir", "mesh", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_prompts",
               "eval_temperature", "eval_samples",
-              "export_dir", "progress_bar", "log_every", "num_steps", "resume", "debug_stop_after")
+              "export_dir", "progress_bar", "log_every", "num_steps", "resume", "debug_stop_after", "grading_workers")
 
 
 def run_rl(config) -> dict:
@@ -293,7 +289,14 @@ def run_rl(config) -> dict:
   writer.console(f"rl: {len(prompts)} prompts, {B} x {G} rollouts per step, reward {reward_type} "
                  f"({'in graph' if config.reward.in_graph else 'host reference'}), mesh {dict(mesh.shape)}, "
                  f"steps {start}->{num_steps}")
-  evaluator = Evaluator(config, pcfg, state["params"], tokenizer, mesh) if config.data.val else None
+  # One grading pool for the run (rlvr rewards and validation): a worker costs about a second to start
+  # (math_verify and sympy imports), which a pool per call paid every step.
+  pool = None
+  if reward_type == "rlvr" or config.data.val:
+    from spark_jax.evals.grading import GradingPool
+    pool = GradingPool(num_workers=int(config.grading_workers), timeout_s=float(config.grading_timeout_s))
+  grade = programs_lib.grader(pool)
+  evaluator = Evaluator(config, pcfg, state["params"], tokenizer, mesh, grade) if config.data.val else None
   stop = _Stop()
 
   def batch_arrays(idx):
@@ -305,7 +308,8 @@ def run_rl(config) -> dict:
     pt, pl, qt, ql = batch_arrays(idx)
     roll, timing = programs.rollout_and_reward(
         params, prm_params, tables, pt, pl, qt, ql, key, golds=[prompts[i].ground_truth for i in idx],
-        problems=[prompts[i].problem for i in idx], tokenizer=tokenizer, prm_tokenizer=prm_tok, in_graph=bool(config.reward.in_graph))
+        problems=[prompts[i].problem for i in idx], tokenizer=tokenizer, prm_tokenizer=prm_tok,
+        in_graph=bool(config.reward.in_graph), grade=grade)
     return roll, pt, pl, timing
 
   def rl_step_fn(st, idx, key):
@@ -374,6 +378,8 @@ def run_rl(config) -> dict:
     stop.close()
     writer.close()
     ckpt.close()
+    if pool is not None:
+      pool.close()
   summary["seconds"] = time.time() - t_start
   write_summary(workdir, summary)
   return summary

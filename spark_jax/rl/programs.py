@@ -101,8 +101,12 @@ class Programs:
 
   def rollout_and_reward(self, params, prm_params, tables: RewardTables, pt, pl, qt, ql, key, *,
                          golds: Sequence[Any], problems: Sequence[str], tokenizer, prm_tokenizer=None,
-                         in_graph: bool = True) -> tuple[RolloutOutput, dict[str, float]]:
-    """One batch of rollouts with rewards and advantages, and the wall-clock split of its phases."""
+                         in_graph: bool = True, grade: Callable[[list[str], list[Any]], np.ndarray] | None = None
+                         ) -> tuple[RolloutOutput, dict[str, float]]:
+    """One batch of rollouts with rewards and advantages, and the wall-clock split of its phases.
+
+    `grade(texts, golds) -> 0/1 rewards` grades `rlvr` (the run's long-lived pool: `grader`); without it a
+    temporary pool is started for this batch, which costs its worker start-up every call."""
     t0 = time.time()
     s = self.settings
     if s.reward_type != "rlvr" and in_graph:
@@ -124,7 +128,7 @@ class Programs:
     steps = _Steps(jnp.asarray(_padded(ends, K, -1)), jnp.asarray([len(e) for e in ends], jnp.int32))
     verdicts = _Verdicts(jnp.zeros((N, K), jnp.int32), jnp.zeros((N,), jnp.int32))
     if s.reward_type == "rlvr":
-      rewards = _grade([t for t in texts], [golds[i // G] for i in range(N)])
+      rewards = (grade or grader(None))(texts, [golds[i // G] for i in range(N)])
     else:
       prm_texts = (self._host_prm(prm_params, texts, ids, problems, prm_tokenizer, token_bytes, special)
                    if s.prm_format is not None else [None] * N)  # `random` reads no PRM
@@ -174,12 +178,14 @@ class Programs:
     G, R = self.settings.group_size, np.asarray(roll.response_tokens_NxR).shape[1]
     tokens_NxT, mask_NxT = rl_step.sequences(jnp.asarray(pt), jnp.asarray(pl), jnp.asarray(roll.response_tokens_NxR),
                                              jnp.asarray(roll.response_lengths_N), G)
-    trainer_lp = self._logprobs(state["params"], tokens_NxT, mask_NxT, R)
-    resp = np.asarray(mask_NxT[:, -R:])
-    gap = np.abs(np.asarray(trainer_lp) - np.asarray(roll.sampler_logprobs_NxR))[resp]
-    old = jnp.asarray(roll.sampler_logprobs_NxR) if use_sampler_logprobs else trainer_lp
+    sampler_lp = jnp.asarray(roll.sampler_logprobs_NxR)
+    # One mini-batch, one epoch, pi_old recomputed: the update's own forward pass is the recomputation
+    # (held constant inside the step), so no separate pass over the batch is needed.
+    on_policy = mini_batches == 1 and epochs == 1 and not use_sampler_logprobs
+    trainer_lp = None if on_policy else self._logprobs(state["params"], tokens_NxT, mask_NxT, R)
+    old = sampler_lp if use_sampler_logprobs else trainer_lp
     ref = (self._logprobs(ref_params, tokens_NxT, mask_NxT, R) if self.update_settings.beta > 0
-           else jnp.zeros_like(trainer_lp))
+           else jnp.zeros_like(sampler_lp))
     batch = {"tokens_NxT": tokens_NxT, "mask_NxT": mask_NxT, "old_logprobs_NxR": old,
              "advantages_NxR": jnp.asarray(roll.advantages_NxR), "ref_logprobs_NxR": ref}
     size = tokens_NxT.shape[0] // mini_batches
@@ -187,8 +193,12 @@ class Programs:
     for _ in range(epochs):
       for m in range(mini_batches):
         mb = jax.tree.map(lambda x, m=m: x[m * size:(m + 1) * size], batch)
-        state, metrics = self._update(state, mb)
+        state, metrics, step_lp = self._update(state, mb)
+        if trainer_lp is None:
+          trainer_lp = step_lp  # on-policy: the log-probs before the (only) step
         collected.append(metrics)
+    resp = np.asarray(mask_NxT[:, -R:])
+    gap = np.abs(np.asarray(trainer_lp) - np.asarray(sampler_lp))[resp]
     collected = jax.device_get(collected)
     out = {k: float(np.mean([float(c[k]) for c in collected])) for k in collected[0]}
     out["logprob_gap_mean"] = float(gap.mean()) if gap.size else 0.0
@@ -212,9 +222,15 @@ def _cut(ids: Sequence[int], token_bytes: Sequence[bytes], special: Sequence[int
   return len(ids)
 
 
-def _grade(texts: list[str], golds: list[Any]) -> np.ndarray:
+def grader(pool) -> Callable[[list[str], list[Any]], np.ndarray]:
+  """`(responses, golds) -> float32 0/1` with the one grader (answers extracted, math_verify bounded in time),
+  on `pool` (an evals.grading.GradingPool kept for the run) or, with None, a temporary pool per call."""
   from spark_jax.evals.grading import grade_responses
-  return np.asarray(grade_responses(texts, golds), np.float32)
+
+  def grade(texts: list[str], golds: list[Any]) -> np.ndarray:
+    return np.asarray(grade_responses(texts, golds, pool=pool), np.float32)
+
+  return grade
 
 
 # --------------------------------------------------------------------------------------- dynamic sampling

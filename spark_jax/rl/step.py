@@ -15,8 +15,9 @@ weights) is done once outside the map. `rlvr` (math_verify) is the one reward gr
 program stops after the gate, the host grades, and a second small program computes the advantages.
 
 update: recomputes the rollouts' log-probs with the policy (pi_old before the first optimizer step, verl's
-default; `use_sampler_logprobs` takes the sampler's instead), the reference's log-probs when beta > 0,
-and runs AdamW steps of the GRPO loss over mini-batches, each its own dispatch of one jitted step.
+default; `use_sampler_logprobs` takes the sampler's instead; with one mini-batch and one epoch the
+recomputation is the update's own forward pass), the reference's log-probs when beta > 0, and runs AdamW
+steps of the GRPO loss over mini-batches, each its own dispatch of one jitted step.
 
 Sequence layout shared by both programs: a row is its prompt, LEFT-padded to P, followed by its response,
 RIGHT-padded to R (T = P + R). Positions skip the padding, exactly as the sampler numbered them, so the
@@ -392,10 +393,14 @@ def make_logprob_fn(cfg: ModelConfig, mesh, *, chunk: int = 1024, compute_dtype:
 
 def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedule, mesh,
                      settings: UpdateSettings):
-  """Jitted `update(state, batch) -> (state, metrics)`: one AdamW step of the GRPO loss on one mini-batch.
+  """Jitted `update(state, batch) -> (state, metrics, logprobs_NxR)`: one AdamW step of the GRPO loss on one
+  mini-batch; `logprobs_NxR` are the response log-probs under the parameters before the step (no gradient).
 
   batch: tokens_NxT, mask_NxT (sequence layout above), old_logprobs_NxR, advantages_NxR, ref_logprobs_NxR
-  (zeros when beta = 0). The loss is the mean over the whole mini-batch (however many devices it spans),
+  (zeros when beta = 0). `old_logprobs_NxR=None` is the on-policy step (one mini-batch, one epoch, pi_old
+  recomputed): pi_old is then the step's own forward pass, held constant (TRL's shortcut for one iteration),
+  which is the separate recomputation up to float rounding and saves a forward pass over the batch.
+  The loss is the mean over the whole mini-batch (however many devices it spans),
   computed inside one function so every aggregation mode is exact. Metrics: loss, pg_loss, kl, clip_frac,
   entropy (sampled-token estimate: -mean log p of the rollout's own tokens), grad_norm, lr.
   """
@@ -407,23 +412,27 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
     lp_NxR = response_logprobs(cfg, train_step._cast(p32, dtype), batch["tokens_NxT"], batch["mask_NxT"], R,
                                settings.logits_chunk)
     mask_NxR = batch["mask_NxT"][:, -R:]
+    old_NxR = batch["old_logprobs_NxR"]
+    if old_NxR is None:
+      old_NxR = jax.lax.stop_gradient(lp_NxR)
     loss, aux = loss_lib.grpo_loss(
-        lp_NxR, batch["old_logprobs_NxR"], batch["advantages_NxR"], mask_NxR,
+        lp_NxR, old_NxR, batch["advantages_NxR"], mask_NxR,
         ref_logprobs_NxR=batch["ref_logprobs_NxR"] if settings.beta > 0 else None,
         clip_low=settings.clip_low, clip_high=settings.clip_high, dual_clip=settings.dual_clip,
         beta=settings.beta, kl_type=settings.kl_type, agg=settings.loss_agg)
     n = jnp.maximum(jnp.sum(mask_NxR.astype(F32)), 1.0)
     aux = dict(aux, entropy=-jnp.sum(jnp.where(mask_NxR, lp_NxR, 0.0)) / n)
-    return loss, aux
+    return loss, (aux, jax.lax.stop_gradient(lp_NxR))
 
   def update(state, batch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    (loss, (aux, lp_NxR)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
     grads = jax.lax.with_sharding_constraint(grads, sh["params"])
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(schedule(state["step"]), F32),
                **{k: jnp.asarray(v, F32) for k, v in aux.items()}}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics, lp_NxR
 
-  return jax.jit(update, out_shardings=(sh, shd.replicated(mesh)), donate_argnums=(0,))
+  rep = shd.replicated(mesh)
+  return jax.jit(update, out_shardings=(sh, rep, rep), donate_argnums=(0,))
