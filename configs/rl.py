@@ -181,9 +181,9 @@ def world_settings(config, *, policy_dir: str, prm_dir: str | None, train: str, 
   trained on solutions with injected errors, so it samples them at the training rate while its greedy
   answer is already right; GRPO's gain is the errors it stops sampling.
   """
-  config.policy = common.model(policy_dir, init="pretrained", dtype="float32")
+  config.policy = common.model(policy_dir, init="pretrained", dtype="float32", scan_layers=False)
   if prm_dir:
-    config.prm = common.model(prm_dir, init="pretrained", dtype="float32")
+    config.prm = common.model(prm_dir, init="pretrained", dtype="float32", scan_layers=False)
   config.data.train = train
   config.data.val = val
   config.data.template = "generator"

@@ -198,6 +198,31 @@ def test_remat_gives_same_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), g1, g2)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_unrolled_layers_give_the_scanned_logits_gradients_and_cache(remat):
+  """scan_layers=False (the layers unrolled over the same stacked weights): same logits, gradients and KV
+  cache writes as the lax.scan."""
+  cfg = models.get_preset("tiny-qwen3").replace(remat=remat)
+  params = models.init_params(cfg, seed=6)
+  tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 8))
+
+  def loss(p, c):
+    return jnp.mean(models.forward(c, p, tokens) ** 2)
+
+  unrolled = cfg.replace(scan_layers=False)
+  np.testing.assert_allclose(np.asarray(models.forward(unrolled, params, tokens)),
+                             np.asarray(models.forward(cfg, params, tokens)), atol=1e-5)
+  g1 = jax.grad(loss)(params, cfg)
+  g2 = jax.grad(loss)(params, unrolled)
+  assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g1)) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), g1, g2)
+  mask, positions = np.ones((2, 8), bool), np.broadcast_to(np.arange(8), (2, 8))
+  outs = [models.forward_cached(c, params, tokens, positions, mask, models.init_cache(c, 2, 10), 0)
+          for c in (cfg, unrolled)]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_presets_have_real_sizes():
   assert abs(models.get_preset("smollm2-135m").num_params / 1e6 - 134.5) < 1.0
   assert abs(models.get_preset("qwen2.5-0.5b").num_params / 1e9 - 0.494) < 0.01

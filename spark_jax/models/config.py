@@ -46,6 +46,8 @@ class ModelConfig:
   remat: str = "none"  # "none" | "full" | "save_dots"
   # Queries per block of prefill/training attention (memory B×H×chunk×S instead of B×H×T×S); 0 = one block.
   attention_chunk: int = 512
+  # Layers as one `lax.scan` over the stacked weights (compile time independent of depth) or unrolled.
+  scan_layers: bool = True
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
 

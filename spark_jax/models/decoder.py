@@ -14,6 +14,7 @@ listed once in docs/shapes.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 from typing import Any
 
@@ -51,16 +52,33 @@ def rms_norm(x, scale, eps: float):
 
 
 class Proj(nnx.Module):
-  """A linear map written as an einsum over a multi-dimensional kernel (e.g. D×H×E), fp32 accumulation."""
+  """A linear map over a multi-dimensional kernel (e.g. D×H×E), fp32 accumulation.
+
+  `equation` names the map, "bt<contracted>,<contracted><kept>->bt<kept>" (e.g. "btd,dhe->bthe"); it runs as
+  one 2D matmul, (B·T)×C by C×K, with C and K the products of the contracted and kept kernel dims (reshapes
+  of row-major arrays: no copies). On XLA:CPU the 3D einsum's backward pass transposed the B×T×F activation
+  gradient for the weight gradient, fused with the elementwise work before it: a training step of the
+  world's 4-layer model ran 2x slower in the MLP than with the 2D form."""
 
   def __init__(self, equation: str, kernel_shape, kernel_axes, bias_shape, bias_axes, dtype,
                stack: int | None = None):
+    lhs, rest = equation.split(",")
+    rhs, out = rest.split("->")
+    contracted = lhs[2:]
+    if not (lhs[:2] == out[:2] == "bt" and rhs == contracted + out[2:]):
+      raise ValueError(f"Proj equation {equation!r}: expected 'bt<contracted>,<contracted><kept>->bt<kept>'.")
     self.equation = equation
+    self.num_contracted = len(contracted)
     self.kernel = _param(kernel_shape, dtype, kernel_axes, stack)
     self.bias = _param(bias_shape, dtype, bias_axes, stack) if bias_shape is not None else None
 
   def __call__(self, x):
-    y = jnp.einsum(self.equation, x, self.kernel[...], preferred_element_type=F32)
+    kernel = self.kernel[...]
+    c = self.num_contracted
+    kept = kernel.shape[c:]
+    B, T = x.shape[:2]
+    y = jnp.dot(x.reshape(B * T, math.prod(kernel.shape[:c])), kernel.reshape(-1, math.prod(kept)),
+                preferred_element_type=F32).reshape(B, T, *kept)
     if self.bias is not None:
       y = y + self.bias[...].astype(F32)
     return y.astype(x.dtype)
@@ -192,12 +210,10 @@ class Attention(nnx.Module):
       out = _chunked_attention(q_BxKxGxTxE, k_BxKxExS.astype(q.dtype), v_BxKxSxE, mask_BxTxS,
                                cfg.attention_chunk).astype(x_BxTxD.dtype)
     flat_out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)  # B×T×(H·E)
-    # One flat contraction over (heads, head_dim): given the two contracting dims separately, XLA's CPU
-    # layout assignment transposed the H×E×D weight (a full copy of it every decode step) to match an
-    # E-major activation.
-    flat_kernel = self.o_proj.kernel[...].reshape(H * E, -1)  # (H·E)×D
-    return jnp.einsum("btf,fd->btd", flat_out, flat_kernel, preferred_element_type=F32).astype(x_BxTxD.dtype), \
-        new_cache
+    # One flat contraction over (heads, head_dim) (Proj's 2D matmul): given the two contracting dims
+    # separately, XLA's CPU layout assignment transposed the H×E×D weight (a full copy of it every decode
+    # step) to match an E-major activation.
+    return self.o_proj(flat_out), new_cache
 
 
 def _cache_layer(cache, layer):
@@ -421,11 +437,13 @@ def _run_layers(cfg, params, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache 
   k_all = None if cache is None else cache.k_LxBxKxExS
   v_all = None if cache is None else cache.v_LxBxKxSxE
   unstacked_cache = isinstance(k_all, (list, tuple))
-  if isinstance(block_state, (list, tuple)) or unstacked_cache:
-    # Per-layer params and/or cache (see `unstack_layers`, `unstack_cache`): an unrolled loop whose dots
-    # read each weight where it lies and whose cache writes hit each layer's own buffer in place. A scan
-    # over stacked weights copies every layer's slice out before its dots (3x the weight traffic).
-    ks, vs = list(k_all or []), list(v_all or [])
+  if isinstance(block_state, (list, tuple)) or unstacked_cache or not cfg.scan_layers:
+    # Per-layer params and/or cache (see `unstack_layers`, `unstack_cache`), or `scan_layers=False`: an
+    # unrolled loop whose dots read each weight where it lies and whose cache writes hit each layer's own
+    # buffer in place. A scan over stacked weights copies every layer's slice out before its dots (3x the
+    # weight traffic), and its backward pass fills stacked per-layer residual buffers (for the world's
+    # 4-layer model, zero-filling them was ~15 % of a training step on CPU).
+    ks, vs = (list(k_all), list(v_all)) if unstacked_cache else ([], [])
     for i in range(cfg.num_layers):
       layer_params = (block_state[i] if isinstance(block_state, (list, tuple))
                       else jax.tree.map(lambda a, i=i: a[i], block_state))
@@ -487,11 +505,13 @@ def _embed(cfg, params, tokens_BxT):
 
 def logits_from_hidden(cfg: ModelConfig, params: Params, hidden_BxTxD: jax.Array) -> jax.Array:
   """Output head in fp32 (tied to the embedding or separate)."""
+  B, T, D = hidden_BxTxD.shape
+  hidden_NxD = hidden_BxTxD.reshape(B * T, D)  # 2D matmuls: see Proj (the 3D form's backward pass is slower)
   if cfg.tie_embeddings:
-    logits = jnp.einsum("btd,vd->btv", hidden_BxTxD, params["embed"], preferred_element_type=F32)
+    logits = jnp.einsum("nd,vd->nv", hidden_NxD, params["embed"], preferred_element_type=F32)
   else:
-    logits = jnp.einsum("btd,dv->btv", hidden_BxTxD, params["lm_head"], preferred_element_type=F32)
-  return constrain(logits, ("batch", "length", "act_vocab"))
+    logits = jnp.einsum("nd,dv->nv", hidden_NxD, params["lm_head"], preferred_element_type=F32)
+  return constrain(logits.reshape(B, T, -1), ("batch", "length", "act_vocab"))
 
 
 def default_positions(mask_BxT: jax.Array) -> jax.Array:

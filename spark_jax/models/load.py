@@ -39,7 +39,8 @@ def resolve_checkpoint_dir(name_or_path: str) -> str:
 
 
 def load_model(name_or_path: str, *, init: str = "pretrained", dtype: str = "float32", mesh=None,
-               seed: int = 0, remat: str = "none") -> tuple[ModelConfig, Params, str | None]:
+               seed: int = 0, remat: str = "none", scan_layers: bool = True
+               ) -> tuple[ModelConfig, Params, str | None]:
   """Returns (cfg, params, checkpoint_dir). checkpoint_dir (for the tokenizer) is None for random presets.
 
   init="random" builds a preset with random weights (tests, benchmarks, the laptop demo);
@@ -48,7 +49,7 @@ def load_model(name_or_path: str, *, init: str = "pretrained", dtype: str = "flo
   if init == "random":
     if name_or_path not in PRESETS:
       raise KeyError(f"model={name_or_path!r} with init='random' must be a preset; known: {sorted(PRESETS)}.")
-    cfg = PRESETS[name_or_path].replace(dtype=dtype, remat=remat)
+    cfg = PRESETS[name_or_path].replace(dtype=dtype, remat=remat, scan_layers=scan_layers)
     if mesh is None:
       return cfg, jax.jit(init_params, static_argnums=(0, 1))(cfg, seed), None
     out = param_shardings(cfg, mesh)
@@ -60,4 +61,4 @@ def load_model(name_or_path: str, *, init: str = "pretrained", dtype: str = "flo
                      "directory / hub repo id for pretrained weights.")
   directory = resolve_dir(resolve_checkpoint_dir(name_or_path))
   cfg, params = from_pretrained(directory, dtype=dtype, mesh=mesh)
-  return cfg.replace(remat=remat), params, directory
+  return cfg.replace(remat=remat, scan_layers=scan_layers), params, directory

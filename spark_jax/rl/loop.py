@@ -132,7 +132,8 @@ def _load(spec, mesh, seed: int, which: str):
   from spark_jax.models.load import load_model
   with shd.use_mesh(mesh):
     try:
-      return load_model(spec.name, init=spec.init, dtype=spec.dtype, mesh=mesh, seed=seed, remat=spec.remat)
+      return load_model(spec.name, init=spec.init, dtype=spec.dtype, mesh=mesh, seed=seed, remat=spec.remat,
+                        scan_layers=bool(spec.get("scan_layers", True)))
     except (KeyError, ValueError, OSError) as e:
       raise type(e)(f"config.{which}: {e}") from e
 

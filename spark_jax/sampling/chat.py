@@ -49,7 +49,8 @@ class ChatModel:
     mesh = sharding.make_mesh(dict(mesh_config))
     with sharding.use_mesh(mesh):
       cfg, params, ckpt_dir = load_model(model_config.name, init=model_config.init, dtype=model_config.dtype,
-                                         mesh=mesh, seed=seed)
+                                         mesh=mesh, seed=seed,
+                                         scan_layers=bool(model_config.get("scan_layers", True)))
     if ckpt_dir is None:
       raise ValueError(f"model {model_config.name!r} (init={model_config.init!r}) has no tokenizer: chat jobs need "
                        "a checkpoint directory with tokenizer files (or the packaged smollm2-135m-instruct).")

@@ -18,7 +18,8 @@ def run_inspect_model(config) -> dict:
   mesh = sharding.make_mesh(config.mesh.to_dict())
   with sharding.use_mesh(mesh):
     cfg, params, ckpt_dir = load_model(config.model.name, init=config.model.init, dtype=config.model.dtype,
-                                       mesh=mesh, seed=config.seed)
+                                       mesh=mesh, seed=config.seed,
+                                       scan_layers=bool(config.model.get("scan_layers", True)))
   tokenizer = Tokenizer.from_pretrained(ckpt_dir) if ckpt_dir else None
   if tokenizer is not None:
     messages = [{"role": "user", "content": config.prompt}]

@@ -46,7 +46,8 @@ from spark_jax.train import step as step_lib
 # Settings that do not change the trained weights: where and how often things are written, how the work is
 # laid out on devices (the mesh, the micro-batch split: the step is the exact token mean over the global
 # batch however it is split), held-out evaluation, and the data's location (its tokenized content is hashed).
-NOT_RESULT = ("job", "workdir", "mesh", "mesh_devices", "micro_batch", "model.remat", "logits_chunk",
+NOT_RESULT = ("job", "workdir", "mesh", "mesh_devices", "micro_batch", "model.remat", "model.scan_layers",
+              "logits_chunk",
               "data", "data_split", "tokenizer", "eval_data", "eval_split", "eval_batch", "eval_max_batches",
               "eval_every", "checkpoint_every", "keep_checkpoints", "log_every", "export_dir", "export_dtype",
               "peak_flops_per_device", "data_workers", "data_prefetch", "progress_bar", "verbose_logs",
@@ -188,7 +189,8 @@ def run_sft(config) -> dict:
 
   # ---- model config and tokenizer (no weights yet), data and batch plan
   base_cfg, ckpt_dir = _model_source(config)
-  cfg = base_cfg.replace(dtype=config.model.dtype, remat=config.model.remat)
+  cfg = base_cfg.replace(dtype=config.model.dtype, remat=config.model.remat,
+                         scan_layers=bool(config.model.get("scan_layers", True)))
   tok_dir = config.tokenizer or ckpt_dir
   if not tok_dir:
     raise ValueError(f"config.tokenizer is empty and model {config.model.name!r} (init='random') has no "
@@ -246,7 +248,8 @@ def run_sft(config) -> dict:
   else:
     with shd.use_mesh(mesh):
       _, params, _ = load_model(config.model.name, init=config.model.init, dtype=config.param_dtype,
-                                mesh=mesh, seed=int(config.seed), remat=config.model.remat)
+                                mesh=mesh, seed=int(config.seed), remat=config.model.remat,
+                                scan_layers=cfg.scan_layers)
       state = step_lib.init_state(cfg, params, tx, mesh)
     del params
     start = 0

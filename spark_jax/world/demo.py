@@ -63,7 +63,7 @@ def _stage_dir(config, name: str) -> str:
 
 def _model(path: str) -> ConfigDict:
   from configs import common
-  return common.model(path, init="pretrained", dtype="float32")
+  return common.model(path, init="pretrained", dtype="float32", scan_layers=False)
 
 
 # ------------------------------------------------------------------------------------------------ stages
