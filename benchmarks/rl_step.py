@@ -12,7 +12,7 @@ Phases are timed as separate programs (each compiled and run once before the tim
   rollout   the rollout + gate program alone;
   reward    the full rollout-and-reward program minus the rollout program (the PRM prompt packing, the PRM's
             generation and the verdict parsing inside the same jit);
-  update    pi_old log-probs + one AdamW step of the GRPO loss on the batch.
+  update    one AdamW step of the GRPO loss on the batch (on-policy: pi_old is the step's own forward pass).
 tokens/s/device = (prompt + response tokens of the batch) / (rollout-and-reward + update time) / devices.
 """
 

@@ -3,6 +3,7 @@
     python benchmarks/sft.py                                   # CPU: tiny-qwen2, proves the script
     python benchmarks/sft.py --preset=qwen2.5-0.5b --seq=4096 --batch=8 --dtype=bfloat16 --remat=full
     python benchmarks/sft.py --gpu                             # qwen2.5-0.5b and 1.5b at seq 4096, bf16
+    python benchmarks/sft.py --preset=world-small --seq=256 --batch=32 --layers=both  # scan vs unrolled
 
 Random weights (a cheap deterministic init: values do not change the FLOPs), full-length rows (no padding),
 loss on the second half of every row. The timed loop dispatches every step before fetching any metric, as
@@ -50,8 +51,8 @@ def _cheap_params(cfg, mesh):
 
 
 def bench(preset: str, seq: int, batch: int, accum: int, dtype: str, remat: str, steps: int, mesh_axes: dict,
-          logits_chunk: int, peak_per_device: float) -> dict:
-  cfg = models.get_preset(preset).replace(dtype=dtype, remat=remat)
+          logits_chunk: int, peak_per_device: float, scan_layers: bool = True) -> dict:
+  cfg = models.get_preset(preset).replace(dtype=dtype, remat=remat, scan_layers=scan_layers)
   mesh = shd.make_mesh(mesh_axes)
   tx, sched = step_lib.make_optimizer(cfg, lr=1e-5, total_steps=1000, warmup_ratio=0.03)
   loss_fn = functools.partial(step_lib.sft_loss, cfg, logits_chunk=logits_chunk)
@@ -99,17 +100,21 @@ def main():
   p.add_argument("--logits_chunk", type=int, default=1024)
   p.add_argument("--mesh", default="data=-1", help="e.g. data=1,fsdp=-1,tensor=1")
   p.add_argument("--peak_flops_per_device", type=float, default=0.0, help="0 = table (CPU: measured)")
+  p.add_argument("--layers", default="scan", choices=("scan", "unrolled", "both"),
+                 help="model.scan_layers: one lax.scan, unrolled, or both side by side")
   p.add_argument("--gpu", action="store_true", help=f"run {GPU_CASES} (preset, seq, batch) in bf16, full remat")
   args = p.parse_args()
   mesh_axes = {k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
   cases = ([(n, s, b, args.accum, "bfloat16", "full") for n, s, b in GPU_CASES] if args.gpu else
            [(args.preset, args.seq, args.batch, args.accum, args.dtype, args.remat)])
-  print(f"{'preset':14s} {'seq':>5s} {'batch':>5s} {'dtype':9s} {'remat':9s} {'compile s':>9s} {'step s':>8s} "
-        f"{'tokens/s':>10s} {'MFU':>6s}  devices / peak")
-  for preset, seq, batch, accum, dtype, remat in cases:
+  layouts = {"scan": (True,), "unrolled": (False,), "both": (True, False)}[args.layers]
+  print(f"{'preset':14s} {'layers':8s} {'seq':>5s} {'batch':>5s} {'dtype':9s} {'remat':9s} {'compile s':>9s} "
+        f"{'step s':>8s} {'tokens/s':>10s} {'MFU':>6s}  devices / peak")
+  for (preset, seq, batch, accum, dtype, remat), scan in ((c, s) for c in cases for s in layouts):
     r = bench(preset, seq, batch, accum, dtype, remat, args.steps, mesh_axes, args.logits_chunk,
-              args.peak_flops_per_device)
-    print(f"{preset:14s} {seq:5d} {batch * accum:5d} {dtype:9s} {remat:9s} {r['compile_s']:9.1f} "
+              args.peak_flops_per_device, scan_layers=scan)
+    print(f"{preset:14s} {'scan' if scan else 'unrolled':8s} {seq:5d} {batch * accum:5d} {dtype:9s} {remat:9s} "
+          f"{r['compile_s']:9.1f} "
           f"{r['step_s']:8.3f} {r['tokens_per_s']:10.0f} {r['mfu']:6.3f}  {r['devices']}, "
           f"{r['peak_flops']:.3g} FLOP/s ({r['peak_source']})", flush=True)
 
