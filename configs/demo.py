@@ -1,7 +1,7 @@
 """The embedded demo: SPARK's whole pipeline on a toy arithmetic world, on CPU, with nothing to download.
 
   python -m spark_jax.main --config=configs/demo.py                      # the full demo (not timed since world-small)
-  python -m spark_jax.main --config=configs/demo.py --config.quick=True  # the CI size (399 s, bootstrap cached)
+  python -m spark_jax.main --config=configs/demo.py --config.quick=True  # the CI size (349 s, bootstrap cached)
   python -m spark_jax.main --config=configs/demo.py --config.workdir=/tmp/demo
 
 Stages (each in a subdirectory of `workdir`, each skipped when its summary.json is there, each job inside
@@ -90,7 +90,7 @@ def get_config():
                           "prompts_per_step": 16, "group_size": 8, "lr": 1e-4, "eval_every": 5,
                           "eval_prompts": 128, "eval_samples": 4})
 
-  # --config.quick=True: these fields replace the ones above (CI size; 399 s on 2 quiet cores with the bootstrap
+  # --config.quick=True: these fields replace the ones above (CI size; 349 s on 2 cores with the bootstrap
   # cached, against the 3-minute goal: Stage II's SFT and the RL updates of world-small dominate).
   # The bootstrap is not reduced: the quick demo and the full one share its cache entry, and shorter SFT
   # leaves the models on the plateau where they know the formats but not the arithmetic.

@@ -208,6 +208,16 @@ def test_pool_in_order_with_timeouts(pool):
   assert pool.last_stats["killed"] == 1
 
 
+def test_grade_batch_on_a_pool_keeps_the_pools_timeout(pool):
+  # The run configures the limit once, on its pool (config.grading_timeout_s); grade_batch must not replace
+  # it with the module default (10 s) when the caller passes none.
+  assert pool.timeout_s < g.DEFAULT_TIMEOUT_S
+  t0 = time.monotonic()
+  assert g.grade_batch(["10^{10^{7}}"], ["1"], pool=pool) == [False]
+  assert pool.last_stats["soft_timeouts"] == 1
+  assert time.monotonic() - t0 < pool.timeout_s + pool.kill_grace_s + 2.0
+
+
 def test_pool_extract_and_errors(pool):
   responses = ["... so \\boxed{12}", "<think>\\boxed{3}</think> Answer: 4", "no answer"]
   assert pool.grade(responses, ["12", "3", "1"], extract=True) == [True, False, False]

@@ -61,6 +61,10 @@ def test_unknown_reward_type_and_group_size_errors():
   with pytest.raises(ValueError, match="group_size=4 does not divide the mini-batch of 2"):
     rl_loop.check_config(_config(prompts_per_step=2, group_size=4, mini_batches=4))
   rl_loop.check_config(_config(prompts_per_step=4, group_size=2, mini_batches=2))
+  with pytest.raises(ValueError, match="grading_workers=0: RL grades"):
+    rl_loop.check_config(_config(grading_workers=0))
+  with pytest.raises(ValueError, match="grading_timeout_s=0.0"):
+    rl_loop.check_config(_config(grading_timeout_s=0.0))
 
 
 def test_response_budget_larger_than_the_cache():

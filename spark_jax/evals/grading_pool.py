@@ -390,7 +390,7 @@ def grade_batch(
     golds: Sequence[Any],
     *,
     num_workers: int | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
+    timeout_s: float | None = None,
     pool: GradingPool | None = None,
     extract: bool = False,
 ) -> list[bool]:
@@ -402,7 +402,8 @@ def grade_batch(
     num_workers: worker processes for a temporary pool (ignored when `pool` is given). 0 grades in this
       process, serially, bounded only by the SIGALRM timer (main thread) — meant for debugging and tiny
       inputs, since C code that holds the GIL cannot be interrupted there.
-    timeout_s: per-answer time limit, seconds.
+    timeout_s: per-answer time limit, seconds; None takes the pool's own limit (the one the run configured)
+      or, without a pool, `DEFAULT_TIMEOUT_S`.
     pool: a long-lived `GradingPool` to reuse (recommended in loops: saves worker start-up).
     extract: run `extract_answer` on each pred first.
 
@@ -411,6 +412,7 @@ def grade_batch(
   """
   if pool is not None:
     return pool.grade(preds, golds, timeout_s=timeout_s, extract=extract)
+  timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else float(timeout_s)
   if num_workers == 0:
     if len(preds) != len(golds):
       raise ValueError(f"grade_batch: {len(preds)} predictions but {len(golds)} gold answers; pass one "

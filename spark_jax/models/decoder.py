@@ -5,7 +5,8 @@ Modules define the parameters and the math; callers never hold a live module. Ev
 boundary), so policy, reference and reward-model parameters can sit side by side in one jitted graph.
 
 Layers are stored stacked (leading `layers` axis) and run under `lax.scan`, so compile time does not grow
-with depth. Norms, softmax and logits are computed in fp32 whatever the parameter dtype.
+with depth; `scan_layers=False` unrolls them instead (for shallow models on CPU, where the scan's stacked
+residual buffers cost more than the extra compile time). Norms, softmax and logits are computed in fp32 whatever the parameter dtype.
 
 Arrays carry their shape in their names (q_BxKxGxTxE); each letter has one meaning across the package,
 listed once in docs/shapes.md.

@@ -6,7 +6,8 @@
 One step: B prompts from the shuffled prompt set -> `rl.step.rollout_and_reward` (one jitted program; for
 `rlvr` the host grades between two programs) -> dynamic sampling (optional: drop groups whose rewards all
 agree and refill from new prompts, a bounded number of rounds) -> pi_old (and reference) log-probs ->
-`ppo_epochs` x mini-batches of AdamW steps -> metrics. Every `eval_every` steps the policy answers the
+`ppo_epochs` x mini-batches of AdamW steps -> metrics. With one mini-batch and one epoch pi_old is the update's
+own forward pass under stop_gradient (no separate pass). Every `eval_every` steps the policy answers the
 validation prompts greedily and is graded with math_verify.
 
 Checkpoints (train/checkpoint.py): {"step", "params", "opt_state"} + the prompt iterator's state; step t
@@ -89,6 +90,12 @@ def check_config(config) -> None:
   if int(config.mini_batches) > 1 and (B * G // int(config.mini_batches)) % G:
     raise ValueError(f"config.group_size={G} does not divide the mini-batch of {B * G // int(config.mini_batches)} "
                      "rollouts; a group must not straddle mini-batches.")
+  if int(config.grading_workers) < 1:
+    raise ValueError(f"config.grading_workers={config.grading_workers}: RL grades rlvr rewards and validation in a "
+                     "pool of worker processes (a hung math_verify call must not stall the step); set it >= 1.")
+  if float(config.grading_timeout_s) <= 0:
+    raise ValueError(f"config.grading_timeout_s={config.grading_timeout_s}: the per-answer grading limit must be "
+                     "> 0 seconds.")
 
 
 def check_budget(cfg, max_prompt: int, max_new: int, which: str) -> None:
@@ -190,7 +197,8 @@ class Evaluator:
 # Fields that leave the numbers alone: a checkpoint written under other values still resumes.
 NOT_RESULT = ("job", "workdir", "mesh", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_prompts",
               "eval_temperature", "eval_samples",
-              "export_dir", "progress_bar", "log_every", "num_steps", "resume", "debug_stop_after", "grading_workers")
+              "export_dir", "progress_bar", "log_every", "num_steps", "resume", "debug_stop_after", "grading_workers",
+              "policy.remat", "policy.scan_layers", "prm.remat", "prm.scan_layers")
 
 
 def run_rl(config) -> dict:
@@ -293,11 +301,18 @@ def run_rl(config) -> dict:
   # One grading pool for the run (rlvr rewards and validation): a worker costs about a second to start
   # (math_verify and sympy imports), which a pool per call paid every step.
   pool = None
-  if reward_type == "rlvr" or config.data.val:
-    from spark_jax.evals.grading import GradingPool
-    pool = GradingPool(num_workers=int(config.grading_workers), timeout_s=float(config.grading_timeout_s))
-  grade = programs_lib.grader(pool)
-  evaluator = Evaluator(config, pcfg, state["params"], tokenizer, mesh, grade) if config.data.val else None
+  try:
+    if reward_type == "rlvr" or config.data.val:
+      from spark_jax.evals.grading import GradingPool
+      pool = GradingPool(num_workers=int(config.grading_workers), timeout_s=float(config.grading_timeout_s))
+    grade = programs_lib.grader(pool)
+    evaluator = Evaluator(config, pcfg, state["params"], tokenizer, mesh, grade) if config.data.val else None
+  except BaseException:  # the run's own try/finally below is not entered yet: release what exists
+    if pool is not None:
+      pool.close()
+    writer.close()
+    ckpt.close()
+    raise
   stop = _Stop()
 
   def batch_arrays(idx):
@@ -377,10 +392,10 @@ def run_rl(config) -> dict:
         summary["export_dir"] = export_dir
   finally:
     stop.close()
-    writer.close()
-    ckpt.close()
     if pool is not None:
       pool.close()
+    writer.close()
+    ckpt.close()
   summary["seconds"] = time.time() - t_start
   write_summary(workdir, summary)
   return summary

@@ -8,7 +8,8 @@
     engine, the rules of rl/rewards.py on text, the step ends from the token bytes
     (rl/rewards.step_end_tokens) and the same advantage functions. Tests compare
     it with the in-graph path; it is also the path for a PRM with another tokenizer;
-  * the update: pi_old / reference log-probs, then mini-batches x epochs of jitted AdamW steps;
+  * the update: pi_old / reference log-probs, then mini-batches x epochs of jitted AdamW steps (one
+    mini-batch and one epoch: pi_old from the update's own forward, no separate pass);
   * dynamic sampling (DAPO): repeat the rollout-and-reward program, bounded rounds, until the batch holds
     enough groups whose rewards differ.
 """
