@@ -55,7 +55,8 @@ from spark_jax.world import task as task_lib
 from spark_jax.world import tokenizer as world_tokenizer
 
 
-_VERSION = 5  # 4: world-small models; 5: verifications check "c - r = d"
+_VERSION = 6  # 4: world-small models; 5: verifications check "c - r = d"; 6: trained by the 2D-projection
+# decoder (other float rounding: a cache entry trained before it holds other models, so it is not reused)
 
 
 def fingerprint(config) -> str:
