@@ -28,10 +28,12 @@ MAX_RESPONSE, PRM_NEW = 96, 160
 LEARNED = [t for t in rl_step.REWARD_TYPES if t != "rlvr"]
 SELECTIVE_STEPS = rewards.SELECTIVE_MIN_STEPS
 # The world's plain PRM (no CoT, 60 SFT steps on step-SC labels, mostly "correct") says Yes, every step
-# correct, to every rollout the gate passes (measured 2026-12-03: 206 of 208 rows, the other 2 failing the gate). For
-# its two types equality is therefore shown on Yes verdicts and gate zeros only; the No path of the same
-# verdict automaton is exercised by the ORM / PRM-CoT types here and by tests/test_rl_automata.py.
-CONSTANT_RM = ("prm_outcome", "prm_step_avg")
+# correct, to every rollout the gate passes (measured 2026-12-03: 206 of 208 rows, the other 2 failing the gate).
+# Since bootstrap version 6 (a generator whose rollouts are mostly right) the world's ORM does the same: 207 of
+# 208 rows share one reward (2026-12-04). For these types equality is therefore shown on the modal verdict and
+# gate zeros only; the No path of the same verdict automaton is exercised by the PRM-CoT types here and by
+# tests/test_rl_automata.py.
+CONSTANT_RM = ("orm", "prm_outcome", "prm_step_avg")
 
 
 @pytest.fixture(scope="module")
