@@ -56,8 +56,8 @@ def get_config():
   config.bootstrap.max_new_tokens = 192
   # Generator: a loss plateau (format learnt, table not) until ~400-600 steps, then a slow descent. 1000 steps
   # was not enough on every build: 97.6 % of greedy held-out steps right with the 3D-einsum decoder, 18.6 %
-  # (loss 0.10) after the 2D-projection change, whose only effect is float rounding; 2000 steps: 97.6 % (seed 0)
-  # (docs/method.md §7.2). Verifier:
+  # (loss 0.10) after the 2D-projection change, whose only effect is float rounding; 2000 steps: 97.6 % at
+  # seed 0, 20.6 % at seed 1 (docs/method.md §1.1: still seed-dependent). Verifier:
   # fine-tuned from it on `c - r = d` verifications; at 500 steps lr 1e-3 it judged 81 % of held-out steps
   # right (it misread written results), at 1000 steps lr 2e-3 100 % greedy and 92 % sampled at T = 0.8.
   config.bootstrap.generator_sft = _sft(num_steps=2000, global_batch=32, lr=3e-3)
