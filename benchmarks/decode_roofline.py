@@ -130,10 +130,8 @@ def main() -> None:
   leaves = [m for ms in mats for m in ms] + [head]
   read_s = _median_s(lambda: read_fn(leaves).block_until_ready(), args.calls)
 
-  big = jnp.ones((128, 1024, 1024), jnp.float32)  # 512 MiB, larger than any cache
-  sum_fn = jax.jit(jnp.sum)
-  bandwidth = big.nbytes / _median_s(lambda: sum_fn(big).block_until_ready(), 5)
-  del big
+  from sampling import _read_bandwidth  # benchmarks/sampling.py: one 512 MiB sum, the tables' reference
+  bandwidth = _read_bandwidth()
 
   # Each distinct matmul shape over all layers' copies (so it streams from memory), 1 row.
   shapes: dict[tuple[int, int], list] = {}

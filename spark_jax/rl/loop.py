@@ -300,19 +300,9 @@ def run_rl(config) -> dict:
                  f"steps {start}->{num_steps}")
   # One grading pool for the run (rlvr rewards and validation): a worker costs about a second to start
   # (math_verify and sympy imports), which a pool per call paid every step.
-  pool = None
-  try:
-    if reward_type == "rlvr" or config.data.val:
-      from spark_jax.evals.grading import GradingPool
-      pool = GradingPool(num_workers=int(config.grading_workers), timeout_s=float(config.grading_timeout_s))
-    grade = programs_lib.grader(pool)
-    evaluator = Evaluator(config, pcfg, state["params"], tokenizer, mesh, grade) if config.data.val else None
-  except BaseException:  # the run's own try/finally below is not entered yet: release what exists
-    if pool is not None:
-      pool.close()
-    writer.close()
-    ckpt.close()
-    raise
+  # Created inside the run's try (below), so its finally closes whatever exists; the closures here read them
+  # only once the run has started.
+  pool = grade = evaluator = None
   stop = _Stop()
 
   def batch_arrays(idx):
@@ -370,6 +360,11 @@ def run_rl(config) -> dict:
 
   summary: dict[str, Any] = {"job": "rl", "workdir": workdir, "reward": reward_type}
   try:
+    if reward_type == "rlvr" or config.data.val:
+      from spark_jax.evals.grading import GradingPool
+      pool = GradingPool(num_workers=int(config.grading_workers), timeout_s=float(config.grading_timeout_s))
+    grade = programs_lib.grader(pool)
+    evaluator = Evaluator(config, pcfg, state["params"], tokenizer, mesh, grade) if config.data.val else None
     if start == 0 and int(config.eval_every) > 0:
       evaluate(0, state)  # the starting accuracy: the learning curve's first point
     state, steps_run = loop_lib.run(
