@@ -102,6 +102,25 @@ def _umask() -> int:
   return mask
 
 
+def test_compilation_cache_defaults_to_the_cache_dir_and_yields_to_the_environment(tmp_path, monkeypatch):
+  import jax
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  try:
+    monkeypatch.setenv(io.CACHE_ENV, str(tmp_path))
+    monkeypatch.delenv(io.COMPILATION_CACHE_ENV, raising=False)
+    assert io.enable_compilation_cache() == str(tmp_path / "jax_cache")
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax_cache")
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    monkeypatch.setenv(io.COMPILATION_CACHE_ENV, str(tmp_path / "mine"))  # the user's choice wins, untouched
+    assert io.enable_compilation_cache() == str(tmp_path / "mine")
+    assert jax.config.jax_compilation_cache_dir == old[0]
+    monkeypatch.setenv(io.COMPILATION_CACHE_ENV, "")  # empty: off
+    assert io.enable_compilation_cache() is None and jax.config.jax_compilation_cache_dir == old[0]
+  finally:
+    jax.config.update("jax_compilation_cache_dir", old[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
 def test_sharded_output_resumes_without_duplicates(tmp_path):
   items = list(range(10))
   calls = []

@@ -29,10 +29,10 @@ LEARNED = [t for t in rl_step.REWARD_TYPES if t != "rlvr"]
 SELECTIVE_STEPS = rewards.SELECTIVE_MIN_STEPS
 # The world's plain PRM (no CoT, 60 SFT steps on step-SC labels, mostly "correct") says Yes, every step
 # correct, to every rollout the gate passes (measured 2026-12-03: 206 of 208 rows, the other 2 failing the gate).
-# Since bootstrap version 6 (a generator whose rollouts are mostly right) the world's ORM does the same: 207 of
-# 208 rows share one reward (2026-12-04). For these types equality is therefore shown on the modal verdict and
-# gate zeros only; the No path of the same verdict automaton is exercised by the PRM-CoT types here and by
-# tests/test_rl_automata.py.
+# Since bootstrap version 6 (a generator whose rollouts are mostly right) the world's ORM does the same (version
+# 7, 2026-12-04: all 203 gate-passing rows of 208 get one reward, in all three types). For these types equality is
+# therefore shown on the modal verdict and gate zeros only; the No path of the same verdict automaton is
+# exercised by the PRM-CoT types here and by tests/test_rl_automata.py.
 CONSTANT_RM = ("orm", "prm_outcome", "prm_step_avg")
 
 
@@ -139,9 +139,13 @@ def test_in_graph_reward_equals_the_host_reference(setup, reward_type, record_pr
   _, counts = np.unique(np.round(r_host, 6), return_counts=True)
   assert nonzero >= 0.05, f"{reward_type}: only {nonzero:.3f} of the rewards are non-zero"
   if reward_type in CONSTANT_RM:
-    assert 1 <= N - counts.max() < 0.02 * N, (
-        f"{reward_type}: {N - counts.max()} rows off the modal reward; the world's plain PRM now varies, so move "
+    passed = np.asarray(host.format_ok_N, bool)
+    values, counts_passed = np.unique(np.round(r_host[passed], 6), return_counts=True)
+    off_verdict = int(passed.sum() - counts_passed.max())  # gate-passing rows the RM judged off its usual verdict
+    assert off_verdict < 0.02 * N, (
+        f"{reward_type}: {off_verdict} gate-passing rows off the modal reward; the world's RM now varies, so move "
         "this type out of CONSTANT_RM")
+    assert off_verdict + int((~passed).sum()) >= 1, f"{reward_type}: every row has one reward: equality shows nothing"
   else:
     assert N - counts.max() >= 0.02 * N, f"{reward_type}: {counts.max()} of {N} rewards share one value"
   assert np.any(np.asarray(graph.advantages_NxR) != 0)

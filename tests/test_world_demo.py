@@ -3,22 +3,21 @@ the label table keeps the identities the aggregation guarantees, and the three l
 for hold by margins that chance cannot produce:
 
 - Step-level self-consistency labels steps better than one verification (N = 16; measured 2026-12-04 with
-  bootstrap version 6: 96.9 % vs 93.5 % of 384 generated steps, 13 steps net in SC's favour; with version 5:
-  100.0 % vs 98.4 %, 6 of 6). Asserted: at least SC_MARGIN (1 point, about 4 steps net) better, and at
+  bootstrap version 7: 100.0 % vs 98.4 % of the generated steps: SC labels every step right, one verification
+  mislabels about 6; version 6: 96.9 % vs 93.5 %, 13 net). Asserted: at least SC_MARGIN (1 point, about 4 steps net) better, and at
   least 90 % (a floor: most labels right, not a measured level). If aggregating did not help, a step labelled
   differently by the two would fall either way with equal odds; 4 or more net of a handful is already unlikely
   (6 of 6 has probability 1/64), 13 net far more so.
 - The PRM-CoT trained on step-SC labels scores a ProcessBench-style F1 far above the untrained model's (0: it
   never writes a parseable verdict) and above the chance level, the best F1 of a guess that never reads the
-  solution (`world.task.blind_guess_scores`, 34.3 on these 64 cases): measured 71.8 (bootstrap v6; 90.5 on v5). Asserted: >= 30 points
+  solution (`world.task.blind_guess_scores`, 34.3 on these 64 cases): measured 90.6 (bootstrap v7; 71.8 on v6). Asserted: >= 30 points
   above both. With 64 cases the standard error of an F1 near 0.5-0.9 is under 7 points, so 30 points is more
   than 4 SE above the best solution-blind predictor.
 - GRPO with the verifiable reward raises avg@4 (T = 1, 128 held-out problems, 512 graded answers) by at least
-  RL_MARGIN = 20 points (measured 61.9 -> 87.7, +25.8 ± 2.6 on bootstrap v6; 57.0 -> 85.5 on v5) and by at
+  RL_MARGIN = 20 points (measured 63.7 -> 89.6, +26.0 ± 2.5 on bootstrap v7; 61.9 -> 87.7 on v6) and by at
   least 6 of its own SE.
 
-Not asserted, reported: the step-SC PRM beating one trained on single verifications (measured 90.5 vs 91.9,
-one case of 64 apart), and the orderings of the other RL reward types (docs/method.md §7.2).
+Not asserted, reported: the step-SC PRM beating one trained on single verifications (measured 90.6 vs 90.2), and the orderings of the other RL reward types (docs/method.md §7.2).
 """
 
 import json

@@ -356,7 +356,9 @@ def run_rl(config) -> dict:
 
   def evaluate(step_no, st):
     if evaluator is not None:
-      writer.write(step_no, evaluator(st["params"]), prefix="eval")
+      t = time.time()
+      m = evaluator(st["params"])
+      writer.write(step_no, {**m, "time_eval": time.time() - t}, prefix="eval")
 
   summary: dict[str, Any] = {"job": "rl", "workdir": workdir, "reward": reward_type}
   try:
