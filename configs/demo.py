@@ -1,7 +1,7 @@
 """The embedded demo: SPARK's whole pipeline on a toy arithmetic world, on CPU, with nothing to download.
 
   python -m spark_jax.main --config=configs/demo.py                      # the full demo (492 s on 2 cores)
-  python -m spark_jax.main --config=configs/demo.py --config.quick=True  # the CI size (~3 min)
+  python -m spark_jax.main --config=configs/demo.py --config.quick=True  # the CI size (175 s; 198 s compiling from scratch)
   python -m spark_jax.main --config=configs/demo.py --config.workdir=/tmp/demo
 
 Stages (each in a subdirectory of `workdir`, each skipped when its summary.json is there, each job inside
