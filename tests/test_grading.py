@@ -149,6 +149,28 @@ def test_is_equivalent_off_main_thread():
     assert ex.submit(g.is_equivalent, "025", "25").result() is True
 
 
+def test_a_timeout_on_the_first_check_does_not_break_later_checks():
+  # The first check in a process imports math_verify and sympy (0.3 s here, seconds in a fresh environment that
+  # compiles its bytecode). A timer firing inside that import left sympy half initialised, and every later check
+  # in the process was graded wrong (before the fix: timeouts of 0.05-0.2 s broke it on this machine). Fresh
+  # interpreters, one per first-check timeout, so that one of them lands inside the import wherever it is slow.
+  import subprocess
+  import sys
+  code = r"""
+import sys
+from spark_jax.evals import equivalence as e
+assert "sympy" not in sys.modules
+e.is_equivalent(r"\sqrt{4}", "2", timeout_s=float(sys.argv[1]))
+print(e.is_equivalent(r"\sqrt{4}", "2", timeout_s=60.0))
+import sympy
+print(hasattr(sympy, "printing"))
+"""
+  for first_timeout in ("0.02", "0.05", "0.1", "0.2", "0.4", "1.0"):
+    out = subprocess.run([sys.executable, "-c", code, first_timeout], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, (first_timeout, out.stderr[-2000:])
+    assert out.stdout.split() == ["True", "True"], (first_timeout, out.stdout, out.stderr[-2000:])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pool
 # ----------------------------------------------------------------------------------------------------

@@ -300,6 +300,11 @@ def is_equivalent(pred: Any, gold: Any, timeout_s: float | None = DEFAULT_TIMEOU
   quick = quick_verdict(pred, golds)
   if quick is not None:
     return quick
+  # Import math_verify (and sympy under it) before the timer starts: a first import can take seconds (longer in
+  # a fresh environment that compiles its bytecode), and a SIGALRM landing inside it leaves sympy half
+  # initialised in sys.modules, after which every later check in the process fails ("module 'sympy' has no
+  # attribute 'printing'") and is silently graded wrong.
+  import math_verify  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   try:
     result = _call_with_time_limit(lambda: math_verify_equal(pred, golds), timeout_s)
   except Exception:  # pylint: disable=broad-except  (a grader error is a wrong answer, never a crash)
