@@ -67,6 +67,7 @@ def cache_dir(*parts: str) -> str:
 
 
 COMPILATION_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+COMPILATION_CACHE_MIN_COMPILE_S = 0.5  # programs that compile faster are not worth a cache file
 
 
 def enable_compilation_cache() -> str | None:
@@ -81,7 +82,7 @@ def enable_compilation_cache() -> str | None:
     return os.environ[COMPILATION_CACHE_ENV] or None
   path = cache_dir("jax_cache")
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILATION_CACHE_MIN_COMPILE_S)
   return path
 
 

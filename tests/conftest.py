@@ -6,11 +6,13 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# A persistent XLA compilation cache: the many small jitted programs of the suite (and of the CLI tests'
-# subprocesses, which inherit the environment) compile once per machine, not once per run.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("SPARK_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spark_jax"), "jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The persistent XLA compilation cache that `spark_jax.main` turns on (spark_jax.io.enable_compilation_cache), set
+# through the environment so that in-process tests and every subprocess (CLI or script) share it: the suite's many
+# small jitted programs compile once per machine, not once per run. spark_jax.io does not import jax.
+from spark_jax import io as _io  # noqa: E402
+
+os.environ.setdefault(_io.COMPILATION_CACHE_ENV, _io.cache_dir("jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(_io.COMPILATION_CACHE_MIN_COMPILE_S))
 
 import pytest  # noqa: E402
 
