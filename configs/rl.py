@@ -34,6 +34,10 @@ def rl_config() -> ConfigDict:
   clip_low / clip_high / dual_clip, beta, kl_type, loss_agg   the GRPO loss (D10: 0.2 / 0.2 / 3, 0.001, k3,
                                 token-mean).
   mini_batches / ppo_epochs     optimizer steps per rollout batch = mini_batches x ppo_epochs (D10: 1 x 1).
+  micro_batch                   rollouts per forward/backward pass, all devices together (0 = the whole
+                                mini-batch): gradients of the mini-batch's micro-batches are summed in one
+                                jitted step, and the log-prob passes go one micro-batch at a time; it changes
+                                memory, not the result (a multiple of the mesh's data x fsdp size).
   use_sampler_logprobs          pi_old = the sampler's log-probs instead of the trainer's recomputation.
   dynamic_sampling / max_sampling_rounds   DAPO's filter of zero-variance groups, refill rounds.
   eval_temperature / eval_samples   validation decoding: greedy pass@1 (0 / 1, D11) or avg@k at a temperature.
@@ -78,6 +82,7 @@ def rl_config() -> ConfigDict:
   c.logits_chunk = 1024
   c.mini_batches = 1
   c.ppo_epochs = 1
+  c.micro_batch = 0
   c.use_sampler_logprobs = False
   c.dynamic_sampling = False
   c.max_sampling_rounds = 3

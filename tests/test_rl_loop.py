@@ -61,6 +61,9 @@ def test_unknown_reward_type_and_group_size_errors():
   with pytest.raises(ValueError, match="group_size=4 does not divide the mini-batch of 2"):
     rl_loop.check_config(_config(prompts_per_step=2, group_size=4, mini_batches=4))
   rl_loop.check_config(_config(prompts_per_step=4, group_size=2, mini_batches=2))
+  with pytest.raises(ValueError, match="micro_batch=3 does not divide the mini-batch of 4 rollouts"):
+    rl_loop.check_config(_config(prompts_per_step=4, group_size=2, mini_batches=2, micro_batch=3))
+  rl_loop.check_config(_config(prompts_per_step=4, group_size=2, mini_batches=2, micro_batch=2))
   with pytest.raises(ValueError, match="grading_workers=0: RL grades"):
     rl_loop.check_config(_config(grading_workers=0))
   with pytest.raises(ValueError, match="grading_timeout_s=0.0"):
@@ -151,7 +154,7 @@ def _job_args(tok_dir, data, workdir, *extra, export="none"):
           "--config.mesh.fsdp=1", "--config.mesh.data=-1", "--config.reward.type=rlvr",
           "--config.prompts_per_step=4", "--config.group_size=4", "--config.max_prompt_tokens=64",
           "--config.max_response=16", "--config.lr=0.01", "--config.beta=0.01", "--config.mini_batches=2",
-          f"--config.num_steps={STEPS}", "--config.checkpoint_every=1", "--config.progress_bar=False",
+          "--config.micro_batch=4", f"--config.num_steps={STEPS}", "--config.checkpoint_every=1", "--config.progress_bar=False",
           f"--config.export_dir={export}", *extra]
 
 

@@ -53,13 +53,13 @@ def rollouts(tiny):
           "sampler_lp": np.asarray(out.logprobs_NxM), "adv": np.where(mask, adv[:, None], 0.0).astype(np.float32)}
 
 
-def _update_curve(cfg, params, ro, mesh, settings, steps=3):
+def _update_curve(cfg, params, ro, mesh, settings, steps=3, micro_batch=0):
   tx, sched = train_step.make_optimizer(cfg, lr=1e-2, total_steps=steps, warmup_ratio=0.0, schedule="constant")
   with shd.use_mesh(mesh):
     state = train_step.init_state(cfg, params, tx, mesh)
     tokens, mask = rl_step.sequences(jnp.asarray(ro["pt"]), jnp.asarray(ro["pl"]), jnp.asarray(ro["tokens"]),
                                      jnp.asarray(ro["lengths"]), G)
-    lp = rl_step.make_logprob_fn(cfg, mesh)(state["params"], tokens, mask, R)
+    lp = rl_step.make_logprob_fn(cfg, mesh, chunk=8, micro_batch=micro_batch)(state["params"], tokens, mask, R)
     update = rl_step.make_update_step(cfg, tx, sched, mesh, settings)
     batch = {"tokens_NxT": tokens, "mask_NxT": mask, "old_logprobs_NxR": lp,
              "advantages_NxR": jnp.asarray(ro["adv"]), "ref_logprobs_NxR": lp}
@@ -130,6 +130,55 @@ def test_on_policy_update_equals_recomputed_pi_old(tiny, rollouts):
     np.testing.assert_allclose(a, b, atol=1e-5)
   moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)))
   assert moved > 1e-4  # the step changed the parameters
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batched_update_matches_one_pass(tiny, rollouts, agg):
+  """micro_batch = N/4: four accumulated micro-batches give the one-pass step's loss, metrics, log-probs and
+  parameters (to float rounding) in every aggregation mode, with the KL term on; the log-prob pass too."""
+  cfg, params = tiny
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  curves, finals = [], []
+  for micro in (0, B * G // 4):
+    settings = rl_step.UpdateSettings(beta=0.05, logits_chunk=8, loss_agg=agg, micro_batch=micro)
+    curve, lp = _update_curve(cfg, params, rollouts, mesh, settings, micro_batch=micro)
+    curves.append(curve)
+    finals.append(lp)
+  np.testing.assert_allclose(curves[1], curves[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(finals[1], finals[0], atol=1e-5)
+  assert curves[0][-1, 3] > 0 and curves[0][-1, 2] > 0  # clipping and KL active by the last step: not all zeros
+  assert np.abs(finals[0]).sum() > 0
+
+
+def test_micro_batched_sharded_update_matches_one_device(tiny, rollouts):
+  """micro_batch 4 on the (data 2, fsdp 2, tensor 2) mesh (one row per data x fsdp device per micro-batch)
+  against one pass on one device; and the on-policy step (pi_old = the step's own forward pass) with
+  micro-batches returns the one-pass log-probs."""
+  cfg, params = tiny
+  one, _ = _update_curve(cfg, params, rollouts, shd.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+                         rl_step.UpdateSettings(beta=0.01, logits_chunk=8))
+  eight, _ = _update_curve(cfg, params, rollouts, shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+                           rl_step.UpdateSettings(beta=0.01, logits_chunk=8, micro_batch=4), micro_batch=4)
+  np.testing.assert_allclose(eight, one, atol=1e-4, rtol=1e-4)
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  tx, sched = train_step.make_optimizer(cfg, lr=1e-2, total_steps=1, warmup_ratio=0.0, schedule="constant")
+  with shd.use_mesh(mesh):
+    tokens, mask = rl_step.sequences(jnp.asarray(rollouts["pt"]), jnp.asarray(rollouts["pl"]),
+                                     jnp.asarray(rollouts["tokens"]), jnp.asarray(rollouts["lengths"]), G)
+    out = []
+    for micro in (0, 2):
+      update = rl_step.make_update_step(cfg, tx, sched, mesh, rl_step.UpdateSettings(
+          beta=0.0, logits_chunk=8, micro_batch=micro))
+      state = train_step.init_state(cfg, params, tx, mesh)
+      batch = {"tokens_NxT": tokens, "mask_NxT": mask, "old_logprobs_NxR": None,
+               "advantages_NxR": jnp.asarray(rollouts["adv"]), "ref_logprobs_NxR": jnp.zeros((B * G, R))}
+      state, m, step_lp = update(state, batch)
+      out.append((float(m["loss"]), float(m["grad_norm"]), np.asarray(step_lp)))
+  assert out[1][0] == pytest.approx(out[0][0], rel=1e-5, abs=1e-7)
+  assert out[1][1] == pytest.approx(out[0][1], rel=1e-5)
+  np.testing.assert_allclose(out[1][2], out[0][2], atol=1e-6)
+  with pytest.raises(ValueError, match="micro_batch=3 does not divide the 16 rows"):
+    rl_step.micro_batches(16, 3)
 
 
 def test_reward_type_and_settings_errors():

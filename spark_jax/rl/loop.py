@@ -90,6 +90,11 @@ def check_config(config) -> None:
   if int(config.mini_batches) > 1 and (B * G // int(config.mini_batches)) % G:
     raise ValueError(f"config.group_size={G} does not divide the mini-batch of {B * G // int(config.mini_batches)} "
                      "rollouts; a group must not straddle mini-batches.")
+  mini = B * G // int(config.mini_batches)
+  micro = int(config.micro_batch)
+  if micro < 0 or (micro and mini % micro):
+    raise ValueError(f"config.micro_batch={micro} does not divide the mini-batch of {mini} rollouts "
+                     f"({B} x {G} / mini_batches {config.mini_batches}); pick a divisor, or 0 for one pass.")
   if int(config.grading_workers) < 1:
     raise ValueError(f"config.grading_workers={config.grading_workers}: RL grades rlvr rewards and validation in a "
                      "pool of worker processes (a hung math_verify call must not stall the step); set it >= 1.")
@@ -198,7 +203,7 @@ class Evaluator:
 NOT_RESULT = ("job", "workdir", "mesh", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_prompts",
               "eval_temperature", "eval_samples",
               "export_dir", "progress_bar", "log_every", "num_steps", "resume", "debug_stop_after", "grading_workers",
-              "policy.remat", "policy.scan_layers", "prm.remat", "prm.scan_layers")
+              "policy.remat", "policy.scan_layers", "prm.remat", "prm.scan_layers", "micro_batch")
 
 
 def run_rl(config) -> dict:
@@ -215,6 +220,10 @@ def run_rl(config) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(config.mesh.to_dict())
   B, G = int(config.prompts_per_step), int(config.group_size)
+  ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if int(config.micro_batch) % ways:
+    raise ValueError(f"config.micro_batch={config.micro_batch} is not a multiple of the mesh's data x fsdp = {ways} "
+                     f"(mesh {dict(mesh.shape)}): each device takes an equal share of every micro-batch.")
   reward_type = config.reward.type
   needs_prm = rl_step.REWARD_FORMATS[reward_type] is not None
 
@@ -261,7 +270,8 @@ def run_rl(config) -> dict:
   update_settings = rl_step.UpdateSettings(
       clip_low=float(config.clip_low), clip_high=float(config.clip_high), dual_clip=float(config.dual_clip),
       beta=float(config.beta), kl_type=config.kl_type, loss_agg=config.loss_agg,
-      logits_chunk=int(config.logits_chunk), compute_dtype=config.policy.dtype)
+      logits_chunk=int(config.logits_chunk), compute_dtype=config.policy.dtype,
+      micro_batch=int(config.micro_batch))
   updates_per_step = int(config.mini_batches) * int(config.ppo_epochs)
   tx, schedule = train_step.make_optimizer(pcfg, lr=float(config.lr),
                                            total_steps=max(int(config.num_steps) * updates_per_step, 1),

@@ -116,9 +116,9 @@ def grpo_loss(logprobs_NxR: jax.Array, old_logprobs_NxR: jax.Array, advantages_N
   pg_loss = aggregate(pg, mask_NxR, agg, **kw)
   metrics = {
       "pg_loss": pg_loss,
-      "clip_frac": aggregate((pg_clipped > pg_plain).astype(F32), mask_NxR, "token-mean"),
-      "dual_clip_frac": aggregate(dual_active.astype(F32), mask_NxR, "token-mean"),
-      "approx_kl": aggregate(-log_ratio, mask_NxR, "token-mean"),
+      "clip_frac": aggregate((pg_clipped > pg_plain).astype(F32), mask_NxR, "token-mean", num_tokens=num_tokens),
+      "dual_clip_frac": aggregate(dual_active.astype(F32), mask_NxR, "token-mean", num_tokens=num_tokens),
+      "approx_kl": aggregate(-log_ratio, mask_NxR, "token-mean", num_tokens=num_tokens),
   }
   loss = pg_loss
   kl = jnp.zeros((), F32)

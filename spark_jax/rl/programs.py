@@ -84,7 +84,8 @@ class Programs:
     self._rollout_and_gate = jax.jit(gate_only, out_shardings=rep)
     self._advantages = jax.jit(self._host_advantages, static_argnums=(5,), out_shardings=rep)
     self._logprobs = rl_step.make_logprob_fn(policy_cfg, mesh, chunk=update_settings.logits_chunk,
-                                             compute_dtype=update_settings.compute_dtype)
+                                             compute_dtype=update_settings.compute_dtype,
+                                             micro_batch=update_settings.micro_batch)
     self._update = rl_step.make_update_step(policy_cfg, tx, schedule, mesh, update_settings)
     self._engine = None
     self.last_prm_texts: list[str | None] = []

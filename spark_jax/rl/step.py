@@ -346,7 +346,11 @@ class UpdateSettings:
   clip_low / clip_high: ratio clip range (asymmetric when they differ); dual_clip: c of the dual clip for
   negative advantages (0 = off); beta: KL coefficient (0 = no reference model); kl_type: "k1" | "k2" | "k3";
   loss_agg: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum-norm"; logits_chunk: positions per
-  vocabulary-projection chunk; compute_dtype: activations (master weights stay fp32).
+  vocabulary-projection chunk; compute_dtype: activations (master weights stay fp32); micro_batch: rows per
+  forward/backward pass, all devices together (0 = the whole mini-batch): the update sums the gradients of
+  its micro-batches inside one jitted step, and the log-prob passes (pi_old, reference) run one micro-batch
+  at a time, so activation memory is bounded by micro_batch x T whatever the rollout batch (verl's
+  ppo_micro_batch_size, TRL's gradient accumulation).
   """
 
   clip_low: float = 0.2
@@ -357,6 +361,7 @@ class UpdateSettings:
   loss_agg: str = "token-mean"
   logits_chunk: int = 1024
   compute_dtype: str = "float32"
+  micro_batch: int = 0
 
 
 def sequences(prompt_tokens_BxP, prompt_lengths_B, response_tokens_NxR, response_lengths_N, group_size: int):
@@ -380,13 +385,44 @@ def response_logprobs(cfg: ModelConfig, params, tokens_NxT, mask_NxT, R: int, ch
   return jnp.where(mask_NxT[:, -R:], lp_NxR, 0.0)
 
 
-def make_logprob_fn(cfg: ModelConfig, mesh, *, chunk: int = 1024, compute_dtype: str = "float32"):
-  """Jitted `(params, tokens_NxT, mask_NxT, R) -> logprobs_NxR` (pi_old and the reference, no gradient)."""
+def micro_batches(rows: int, micro_batch: int) -> int:
+  """How many micro-batches a batch of `rows` splits into (micro_batch 0 = one)."""
+  if micro_batch <= 0:
+    return 1
+  if rows % micro_batch:
+    raise ValueError(f"micro_batch={micro_batch} does not divide the {rows} rows of a (mini-)batch; pick a divisor "
+                     "(config.micro_batch).")
+  return rows // micro_batch
+
+
+def _split(x, A: int):
+  """N x ... -> A x (N / A) x ...: micro-batch a holds rows a, a + A, a + 2A, ... A strided split keeps each
+  device's contiguous block of rows on that device (no resharding), and every loss aggregation is a sum over
+  rows, so which rows share a micro-batch does not change the result."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // A, A) + x.shape[1:]), 0, 1)
+
+
+def _merge(x_AxM):
+  """The inverse of `_split`."""
+  x = jnp.swapaxes(x_AxM, 0, 1)
+  return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def make_logprob_fn(cfg: ModelConfig, mesh, *, chunk: int = 1024, compute_dtype: str = "float32",
+                    micro_batch: int = 0):
+  """Jitted `(params, tokens_NxT, mask_NxT, R) -> logprobs_NxR` (pi_old and the reference, no gradient), one
+  micro-batch of rows at a time (`lax.map`) when micro_batch > 0."""
   dtype = jnp.dtype(compute_dtype)
 
   @functools.partial(jax.jit, static_argnums=(3,), out_shardings=shd.replicated(mesh))
   def fn(params, tokens_NxT, mask_NxT, R):
-    return response_logprobs(cfg, train_step._cast(params, dtype), tokens_NxT, mask_NxT, R, chunk)
+    params = train_step._cast(params, dtype)
+    A = micro_batches(tokens_NxT.shape[0], micro_batch)
+    if A == 1:
+      return response_logprobs(cfg, params, tokens_NxT, mask_NxT, R, chunk)
+    lp_AxMxR = jax.lax.map(lambda tm: response_logprobs(cfg, params, tm[0], tm[1], R, chunk),
+                           (_split(tokens_NxT, A), _split(mask_NxT, A)))
+    return _merge(lp_AxMxR)
 
   return fn
 
@@ -400,14 +436,16 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
   (zeros when beta = 0). `old_logprobs_NxR=None` is the on-policy step (one mini-batch, one epoch, pi_old
   recomputed): pi_old is then the step's own forward pass, held constant (TRL's shortcut for one iteration),
   which is the separate recomputation up to float rounding and saves a forward pass over the batch.
-  The loss is the mean over the whole mini-batch (however many devices it spans),
-  computed inside one function so every aggregation mode is exact. Metrics: loss, pg_loss, kl, clip_frac,
+  The loss is the mean over the whole mini-batch (however many devices and micro-batches it spans): with
+  `settings.micro_batch` the step scans over micro-batches and sums their gradients, each micro-batch's loss
+  normalised by the mini-batch's token and row counts, so every aggregation mode is exact. Metrics: loss, pg_loss, kl, clip_frac,
   entropy (sampled-token estimate: -mean log p of the rollout's own tokens), grad_norm, lr.
   """
   dtype = jnp.dtype(settings.compute_dtype)
   sh = train_step.state_shardings(cfg, tx, mesh)
+  rep = shd.replicated(mesh)
 
-  def loss_fn(p32, batch):
+  def loss_fn(p32, batch, num_tokens, num_rows):
     R = batch["advantages_NxR"].shape[1]
     lp_NxR = response_logprobs(cfg, train_step._cast(p32, dtype), batch["tokens_NxT"], batch["mask_NxT"], R,
                                settings.logits_chunk)
@@ -419,13 +457,37 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
         lp_NxR, old_NxR, batch["advantages_NxR"], mask_NxR,
         ref_logprobs_NxR=batch["ref_logprobs_NxR"] if settings.beta > 0 else None,
         clip_low=settings.clip_low, clip_high=settings.clip_high, dual_clip=settings.dual_clip,
-        beta=settings.beta, kl_type=settings.kl_type, agg=settings.loss_agg)
-    n = jnp.maximum(jnp.sum(mask_NxR.astype(F32)), 1.0)
-    aux = dict(aux, entropy=-jnp.sum(jnp.where(mask_NxR, lp_NxR, 0.0)) / n)
+        beta=settings.beta, kl_type=settings.kl_type, agg=settings.loss_agg, num_tokens=num_tokens,
+        num_rows=num_rows)
+    aux = dict(aux, entropy=-jnp.sum(jnp.where(mask_NxR, lp_NxR, 0.0)) / num_tokens)
     return loss, (aux, jax.lax.stop_gradient(lp_NxR))
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
   def update(state, batch):
-    (loss, (aux, lp_NxR)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+    R = batch["advantages_NxR"].shape[1]
+    N = batch["tokens_NxT"].shape[0]
+    # The mini-batch's own counts are the denominators of every micro-batch's loss and metrics, so their sum
+    # is the mini-batch's loss (and mean metrics) exactly, whatever the split.
+    num_tokens = jnp.maximum(jnp.sum(batch["mask_NxT"][:, -R:].astype(F32)), 1.0)
+    A = micro_batches(N, settings.micro_batch)
+    if A == 1:
+      (loss, (aux, lp_NxR)), grads = grad_fn(state["params"], batch, num_tokens, N)
+    else:
+      micro = {k: None if v is None else _split(v, A) for k, v in batch.items()}
+
+      def body(carry, mb):
+        (l, (a, lp)), g = grad_fn(state["params"], mb, num_tokens, N)
+        acc = jax.tree.map(jnp.add, carry, (l, a, g))
+        return jax.lax.with_sharding_constraint(acc, carry_sh), lp
+
+      first = jax.tree.map(lambda v: v[0], micro)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, F32), jax.eval_shape(grad_fn, state["params"], first,
+                                                                               num_tokens, N))
+      carry0 = (zeros[0][0], zeros[0][1][0], zeros[1])
+      carry_sh = (rep, jax.tree.map(lambda _: rep, carry0[1]), sh["params"])
+      (loss, aux, grads), lp_AxMxR = jax.lax.scan(body, carry0, micro)
+      lp_NxR = _merge(lp_AxMxR)
     grads = jax.lax.with_sharding_constraint(grads, sh["params"])
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -434,5 +496,4 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
                **{k: jnp.asarray(v, F32) for k, v in aux.items()}}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics, lp_NxR
 
-  rep = shd.replicated(mesh)
   return jax.jit(update, out_shardings=(sh, rep, rep), donate_argnums=(0,))
