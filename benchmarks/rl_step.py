@@ -2,7 +2,9 @@
 
     python benchmarks/rl_step.py                              # CPU: tiny policy + tiny PRM, proves the script
     python benchmarks/rl_step.py --gpu                        # Qwen2.5-0.5B shapes (policy and PRM), 64 x 16,
-                                                              # response 1024, PRM-CoT output 512, bf16
+                                                              # response 1024, PRM-CoT output 512, bf16,
+                                                              # update in micro-batches of 64 with remat
+    python benchmarks/rl_step.py --micro_batch 4 --json out.json   # the CPU case in micro-batches, rows to JSON
 
 Random weights; `--prm_all_rows` (on by default here) sends every rollout to the PRM whatever the format gate
 says, so the reward time is the real cost of verifying the whole batch (random weights never pass the gate).
@@ -81,7 +83,7 @@ def _time(fn, repeats: int):
 
 def run(args) -> dict:
   mesh = shd.make_mesh({"data": -1})
-  pcfg = models.get_preset(args.policy).replace(dtype=args.dtype)
+  pcfg = models.get_preset(args.policy).replace(dtype=args.dtype, remat=args.remat)
   rcfg = models.get_preset(args.prm).replace(dtype=args.dtype)
   if args.tokenizer:
     from spark_jax.tokenizer import Tokenizer
@@ -107,8 +109,8 @@ def run(args) -> dict:
   key = jax.random.PRNGKey(0)
   tx, sched = train_step.make_optimizer(pcfg, lr=1e-6, total_steps=10, warmup_ratio=0.0, schedule="constant",
                                         grad_clip=1.0)
-  progs = programs_lib.Programs(pcfg, rcfg, settings, rl_step.UpdateSettings(beta=0.0, compute_dtype=args.dtype),
-                                tx, sched, mesh)
+  progs = programs_lib.Programs(pcfg, rcfg, settings, rl_step.UpdateSettings(
+      beta=0.0, compute_dtype=args.dtype, micro_batch=args.micro_batch), tx, sched, mesh)
   with shd.use_mesh(mesh):
     t_rollout = _time(lambda: progs._rollout_and_gate(policy, tables, pt, pl, key), args.repeats)
     t_full = _time(lambda: progs._rollout_and_reward(policy, prm, tables, pt, pl, qt, ql, key), args.repeats)
@@ -129,7 +131,7 @@ def run(args) -> dict:
   tokens = B * G * (args.prompt_len + R)
   step = t_full + t_update
   row = {"policy": args.policy, "prm": args.prm, "dtype": args.dtype, "prompts": B, "group": G, "response": R,
-         "prm_out": args.prm_out, "rollout_s": t_rollout, "reward_s": max(t_full - t_rollout, 0.0),
+         "prm_out": args.prm_out, "micro_batch": args.micro_batch, "rollout_s": t_rollout, "reward_s": max(t_full - t_rollout, 0.0),
          "update_s": t_update, "step_s": step, "tokens": tokens,
          "tokens_per_s_per_device": tokens / step / jax.device_count(), "devices": jax.device_count(),
          "backend": jax.default_backend(), "prm_prompt_len": float(roll.stats.get("prm_prompt_length", 0.0))}
@@ -152,7 +154,10 @@ def main():
   ap.add_argument("--prm_chunk", type=int, default=0)
   ap.add_argument("--prm_all_rows", type=int, default=1)
   ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--micro_batch", type=int, default=0, help="rollouts per forward/backward of the update (0 = all)")
+  ap.add_argument("--remat", default="none", help="the policy's rematerialisation in the update: none | full")
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--json", default="", help="also write the row here")
   ap.add_argument("--gpu", action="store_true", help="the issue's GPU case (Qwen2.5-0.5B shapes, bf16)")
   args = ap.parse_args()
   if args.gpu:
@@ -160,13 +165,18 @@ def main():
     args.prompts, args.group, args.response, args.prm_out = 64, 16, 1024, 512
     args.prompt_len, args.problem_len, args.dtype, args.repeats = 256, 128, "bfloat16", 1
     args.prm_chunk = 256
+    args.micro_batch, args.remat = 64, "full"  # 1,024 rows x 1,280 tokens do not fit one backward pass
   row = run(args)
-  cols = ("policy", "dtype", "prompts", "group", "response", "prm_out", "rollout_s", "reward_s", "update_s",
+  cols = ("policy", "dtype", "prompts", "group", "response", "prm_out", "micro_batch", "rollout_s", "reward_s",
+          "update_s",
           "step_s", "tokens_per_s_per_device", "devices", "backend")
   print("| " + " | ".join(cols) + " |")
   print("|" + "---|" * len(cols))
   print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")
   print(json.dumps(row))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(row, f, indent=1)
 
 
 if __name__ == "__main__":

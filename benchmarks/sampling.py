@@ -16,11 +16,12 @@ Prints a table (this is a script, not a timed test):
 
       python benchmarks/sampling.py --mixed [--prompts 16] [--samples 16] [--cap 128] [--slots 64] [--rounds 1]
 
-  GPU (--gpu): Qwen2.5-1.5B and 7B shapes with random bf16 weights at batch 1/64/256, plus the % of the HBM
-  roofline at batch 1: (bytes of weights + KV cache read per decode step) / measured copy bandwidth, over
-  the measured decode step time. HF runs there only if torch sees a CUDA device.
+  GPU (--gpu): Qwen2.5-1.5B and 7B shapes with random bf16 weights at batch 1/64/256 against HF `generate` at
+  64/256, plus the % of the HBM roofline at batch 1; see benchmarks/sampling_gpu.py (`--smoke`: tiny presets,
+  the CPU run the test suite makes).
 
       python benchmarks/sampling.py --gpu [--presets qwen2.5-1.5b,qwen2.5-7b] [--batches 1,64,256]
+                                          [--hf-batches 64,256] [--json out.json] [--smoke]
 
 CPU method. Every measurement runs in a fresh worker process (this script with --worker), ours and HF
 alternating for --rounds rounds; the table shows medians. Separate processes because torch and XLA in one
@@ -278,48 +279,6 @@ def padding_benchmark(args) -> None:
                [12, 6, 14, 8]), flush=True)
 
 
-def _copy_bandwidth() -> float:
-  """Device copy bandwidth in bytes/s (read + write of a 1 GiB buffer)."""
-  import jax
-  import jax.numpy as jnp
-
-  x = jnp.ones((256, 1024, 1024), jnp.float32)
-  f = jax.jit(lambda a: a + 1)
-  f(x).block_until_ready()
-  seconds = _time(lambda: f(x).block_until_ready(), 5)
-  return 2 * x.nbytes / seconds
-
-
-def gpu_benchmark(args) -> None:
-  import jax
-  from spark_jax import models, sampling
-
-  bandwidth = _copy_bandwidth()
-  print(f"devices: {jax.devices()}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-  print(_row(HEADER + ["roofline"], WIDTHS + [8]))
-  print("-" * (sum(WIDTHS) + 8 + 3 * (len(WIDTHS) + 1)))
-  rng = np.random.RandomState(0)
-  for name in args.presets:
-    cfg = models.get_preset(name, dtype="bfloat16")
-    params = models.init_params(cfg)
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    for batch in args.batches:
-      prompts = [list(rng.randint(3, cfg.vocab_size, args.prompt_len)) for _ in range(batch)]
-      ours_s, compile_s, _ = _ours(cfg, params, prompts, args.new_tokens, args.repeats)
-      ours_tps = batch * args.new_tokens / ours_s
-      roofline = ""
-      if batch == 1:
-        # Decode step time = (full run - prefill-only run) / (new_tokens - 1).
-        prefill_s, _, _ = _ours(cfg, params, prompts, 1, args.repeats)
-        step_s = (ours_s - prefill_s) / (args.new_tokens - 1)
-        slots = sampling.bucket_length(args.prompt_len) + args.new_tokens
-        kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * slots * 2  # K and V, bf16, all slots
-        roofline = f"{100 * (weight_bytes + kv_bytes) / bandwidth / step_s:.0f}%" if step_s > 0 else "n/a"
-      print(_row([f"{name} bf16", batch, args.prompt_len, args.new_tokens, f"{ours_tps:.1f}", "-", "-",
-                  f"{compile_s:.1f}", "-", roofline], WIDTHS + [8]), flush=True)
-    del params
-
-
 def _multiply_reduce_attention(q_NxKxGxE, k_NxKxExS, v_NxKxSxE, mask_NxS):
   """The form `decoder._decode_attention` used before (own cache only), kept here as the comparison."""
   import jax.numpy as jnp
@@ -365,7 +324,12 @@ def attention_benchmark(args) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gpu", action="store_true", help="Qwen2.5 shapes, random bf16 weights, roofline.")
+  parser.add_argument("--gpu", action="store_true", help="Qwen2.5 shapes, random bf16 weights, roofline, HF.")
+  parser.add_argument("--hf-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[64, 256],
+                      help="--gpu: batches HF generate runs at")
+  parser.add_argument("--smoke", action="store_true", help="--gpu: tiny presets and shapes (proves the script)")
+  parser.add_argument("--json", default="", help="--gpu: also write the rows here")
+  parser.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help=argparse.SUPPRESS)
   parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=None)
   parser.add_argument("--presets", type=lambda s: s.split(","), default=["qwen2.5-1.5b", "qwen2.5-7b"])
   parser.add_argument("--prompt-len", type=int, default=128)
@@ -380,17 +344,21 @@ def main(argv=None) -> None:
   parser.add_argument("--samples", type=int, default=16, help="--mixed: samples per prompt")
   parser.add_argument("--cap", type=int, default=128, help="--mixed: the largest output budget")
   parser.add_argument("--slots", type=int, default=64, help="--mixed: decode slots (static: rows per batch)")
+  parser.add_argument("--skip-compile-counts", action="store_true", help="--mixed: leave out the 1,000-prompt job")
   parser.add_argument("--model", default="smollm2", help="--mixed: smollm2 (with HF) or a preset, random weights")
   parser.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                       help="fixed shapes: our engine's batching mode")
-  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                      help="weights of every engine (compared in the same dtype only)")
+  parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                      help="weights of every engine (compared in the same dtype only); default float32, "
+                           "bfloat16 with --gpu")
   parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.new_tokens is None:
     args.new_tokens = 64 if args.padding else 128
+  if args.dtype is None:
+    args.dtype = "bfloat16" if args.gpu else "float32"
   if args.worker:
     result = cpu_worker(args)
     with open(args.out, "w") as f:
@@ -414,7 +382,9 @@ def main(argv=None) -> None:
   if args.batches is None:
     args.batches = [1, 64, 256] if args.gpu else [1, 8, 32]
   if args.gpu:
-    gpu_benchmark(args)
+    import sampling_gpu
+
+    sampling_gpu.main(args)
   else:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cpu_benchmark(args)

@@ -18,9 +18,9 @@ decode row-steps: rows x loop trips, finished rows included), and ratios against
 
     python benchmarks/sampling.py --mixed [--prompts 16] [--samples 16] [--cap 128] [--slots 64] [--rounds 1]
 
-On an accelerator (or to try other shapes), `--model <preset>` (e.g. qwen2.5-1.5b, qwen2.5-7b) runs our two
-engines on random weights of that preset in `--dtype` (HF needs a checkpoint, so it runs with the default
-SmolLM2 only):
+On an accelerator (or to try other shapes), `--model <preset>` (e.g. qwen2.5-1.5b, qwen2.5-7b) runs the three
+engines on random weights of that preset in `--dtype` (HF on a model built from the same config with its own
+random init, on the GPU when torch sees one; `--skip-hf` leaves it out):
 
     python benchmarks/sampling.py --mixed --model qwen2.5-7b --dtype bfloat16 --prompts 64 --cap 1024 --slots 256
 
@@ -84,19 +84,26 @@ def _load(args):
 def worker(engine: str, args) -> dict:
   budgets = budgets_for(args.prompts, args.cap)
   if engine == "hf":
-    from spark_jax.models.gguf import smollm2_checkpoint
-
-    path = smollm2_checkpoint()
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.model == "smollm2":
+      from spark_jax.models.gguf import smollm2_checkpoint
+
+      model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_checkpoint(),
+                                                                dtype=getattr(torch, args.dtype)).to(device).eval()
+    else:
+      from spark_jax import models
+      from sampling_gpu import hf_model
+
+      model = hf_model(models.get_preset(args.model, dtype=args.dtype), args.dtype, device)
     prompts = prompts_for(args.prompts, model.config.vocab_size)
     row_steps, batches = static_row_steps(prompts, budgets, args.samples, args.slots)
 
     class RowBudget(transformers.StoppingCriteria):
       def __init__(self, start: int, budget_rows):
-        self.start, self.budget_rows = start, torch.tensor(budget_rows)
+        self.start, self.budget_rows = start, torch.tensor(budget_rows, device=device)
 
       def __call__(self, input_ids, scores, **kwargs):
         return (input_ids.shape[1] - self.start) >= self.budget_rows
@@ -112,6 +119,7 @@ def worker(engine: str, args) -> dict:
           mask[j, width - len(prompts[i]):] = 1
         rows = [int(budgets[i]) for i in chunk for _ in range(args.samples)]
         stop = transformers.StoppingCriteriaList([RowBudget(width, rows)])
+        ids, mask = ids.to(device), mask.to(device)
         with torch.inference_mode():
           out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                num_return_sequences=args.samples, max_new_tokens=int(max(rows)),
@@ -121,12 +129,15 @@ def worker(engine: str, args) -> dict:
       return tokens
 
     with torch.inference_mode():  # warm-up: one short call
-      model.generate(torch.ones((1, 8), dtype=torch.long), max_new_tokens=2, do_sample=False, pad_token_id=0)
+      model.generate(torch.ones((1, 8), dtype=torch.long, device=device), max_new_tokens=2, do_sample=False,
+                     pad_token_id=0)
     t0 = time.perf_counter()
     tokens = run()
+    if device != "cpu":
+      torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     return dict(engine=engine, seconds=seconds, tokens=tokens, row_steps=row_steps, compile_s=0.0,
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), device=device)
 
   from spark_jax import sampling
 
@@ -185,7 +196,7 @@ def _spawn(engine: str, args) -> dict:
 
 
 def main(args) -> None:
-  engines = ENGINES if args.model == "smollm2" else ENGINES[:2]
+  engines = ENGINES if not args.skip_hf else ENGINES[:2]
   budgets = budgets_for(args.prompts, args.cap)
   q = np.percentile(budgets, [0, 25, 50, 75, 90, 100]).astype(int)
   model = "SmolLM2-135M" if args.model == "smollm2" else f"{args.model} (random weights)"
@@ -213,7 +224,12 @@ def main(args) -> None:
             f"{statistics.median(x['compile_s'] for x in rs):.1f}"]
     print(" | ".join(str(c).rjust(w) for c, w in zip(cols, widths)), flush=True)
   if "hf" in results:
-    print(f"(medians of {args.rounds} round(s); HF with {results['hf'][0]['threads']} torch threads)")
+    hf = results["hf"][0]
+    where = f"{hf['threads']} torch threads" if hf["device"] == "cpu" else hf["device"]
+    print(f"(medians of {args.rounds} round(s); HF on {where}"
+          f"{'' if args.model == 'smollm2' else ', random weights of the same shapes'})")
+  if args.skip_compile_counts:
+    return
   counts = compile_counts()
   for batching, c in counts.items():
     print(f"1,000-prompt mixed job (tiny-qwen2, prompts 1-256 tokens, 4 samples, cap 32), {batching}: "

@@ -113,6 +113,9 @@ def get_config(variant: str = ""):
   config.data.val = "data/math500/test.jsonl"
   config.eval_prompts = 100
   config.mesh = common.mesh(data=1, fsdp=-1, tensor=1)
+  # 4,096 rollouts of up to 4k tokens do not fit one forward/backward pass on any accelerator: 16
+  # micro-batches of 256 (divisible by any power-of-two device count up to 256).
+  config.micro_batch = 256
   config.export_dir = "runs/rl/export"
   if variant == "world":
     world_config(config)
@@ -195,6 +198,7 @@ def world_settings(config, *, policy_dir: str, prm_dir: str | None, train: str, 
   config.mesh = common.mesh(data=-1)
   config.prompts_per_step = 16
   config.group_size = 8
+  config.micro_batch = 0  # 128 short world rollouts fit one pass
   config.max_prompt_tokens = 256
   config.max_response = 96
   config.reward.prm_max_new_tokens = 160
