@@ -110,7 +110,8 @@ def run(args) -> dict:
   tx, sched = train_step.make_optimizer(pcfg, lr=1e-6, total_steps=10, warmup_ratio=0.0, schedule="constant",
                                         grad_clip=1.0)
   progs = programs_lib.Programs(pcfg, rcfg, settings, rl_step.UpdateSettings(
-      beta=0.0, compute_dtype=args.dtype, micro_batch=args.micro_batch), tx, sched, mesh)
+      beta=0.0, compute_dtype=args.dtype, micro_batch=args.micro_batch, logits_chunk=args.logits_chunk), tx,
+      sched, mesh)
   with shd.use_mesh(mesh):
     t_rollout = _time(lambda: progs._rollout_and_gate(policy, tables, pt, pl, key), args.repeats)
     t_full = _time(lambda: progs._rollout_and_reward(policy, prm, tables, pt, pl, qt, ql, key), args.repeats)
@@ -154,6 +155,7 @@ def main():
   ap.add_argument("--prm_chunk", type=int, default=0)
   ap.add_argument("--prm_all_rows", type=int, default=1)
   ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--logits_chunk", type=int, default=1024, help="positions per vocabulary-projection chunk")
   ap.add_argument("--micro_batch", type=int, default=0, help="rollouts per forward/backward of the update (0 = all)")
   ap.add_argument("--remat", default="none", help="the policy's rematerialisation in the update: none | full")
   ap.add_argument("--repeats", type=int, default=2)
@@ -165,7 +167,9 @@ def main():
     args.prompts, args.group, args.response, args.prm_out = 64, 16, 1024, 512
     args.prompt_len, args.problem_len, args.dtype, args.repeats = 256, 128, "bfloat16", 1
     args.prm_chunk = 256
-    args.micro_batch, args.remat = 64, "full"  # 1,024 rows x 1,280 tokens do not fit one backward pass
+    # 1,024 rows x 1,280 tokens do not fit one backward pass; 64 rows x 128 positions x 151,936 fp32 logits
+    # are 5 GB per head chunk.
+    args.micro_batch, args.remat, args.logits_chunk = 64, "full", 128
   row = run(args)
   cols = ("policy", "dtype", "prompts", "group", "response", "prm_out", "micro_batch", "rollout_s", "reward_s",
           "update_s",

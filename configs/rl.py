@@ -116,6 +116,7 @@ def get_config(variant: str = ""):
   # 4,096 rollouts of up to 4k tokens do not fit one forward/backward pass on any accelerator: 16
   # micro-batches of 256 (divisible by any power-of-two device count up to 256).
   config.micro_batch = 256
+  config.logits_chunk = 256  # positions x micro-batch rows x 152k fp32 logits per head chunk: 5 GB at 32 rows
   config.export_dir = "runs/rl/export"
   if variant == "world":
     world_config(config)
