@@ -8,7 +8,7 @@ import pytest
 from spark_jax.rl import automata
 from spark_jax.rl import prm_prompt
 from spark_jax.text import rm_ids
-from spark_jax.rl.rewards import truncate_after_answer
+from spark_jax.rl.rewards import format_ok, truncate_after_answer
 from spark_jax.stage1 import aggregate, formats
 from spark_jax.text.rm import RM_FORMATS, rm_prompt
 from spark_jax.tokenizer import Tokenizer
@@ -155,3 +155,32 @@ def test_reply_after_prompt_ids_rejects_other_prompt_ids(qwen):
   row = _sft_row("prm")
   with pytest.raises(ValueError, match="prompt_ids do not decode to the chat-rendered prompt turns"):
     qwen.render_reply_after_prompt_ids(row["messages"], qwen.encode("Problem: something else"))
+
+
+def test_host_prompts_for_a_prm_with_another_tokenizer(tok, qwen):
+  """`reward.in_graph=False` is the path for a PRM with another tokenizer: it gets the response's text (cut
+  after the last `</answer>`, special tokens dropped), decoded by the policy's tokenizer and tokenized alone by
+  its own, as Stage II trained it. With one tokenizer it gets the sampled ids, exactly as the graph packs them."""
+  from spark_jax.rl import programs
+  from spark_jax.rl import step as rl_step
+  assert tok.token_bytes_table() != qwen.token_bytes_table()  # really two vocabularies
+  G = 2
+  special = automata.special_token_ids(tok)
+  ids = [tok.encode(r) for r in RESPONSES]
+  texts = [tok.decode(r, skip_special_tokens=True) for r in ids]
+  for gated in (False, True):
+    settings = rl_step.RolloutSettings(group_size=G, max_response=64, stop_token_ids=(), prm_all_rows=not gated)
+    ask, prompts = programs.host_prm_prompts(settings, texts, ids, PROBLEMS, qwen, tok.token_bytes_table(), special,
+                                             policy_tokenizer=tok)
+    assert ask == ([i for i, t in enumerate(texts) if format_ok(t)] if gated else list(range(len(RESPONSES))))
+    assert 0 < len(ask)
+    for i, prompt in zip(ask, prompts):
+      visible = truncate_after_answer(texts[i])
+      assert qwen.decode(prompt) == qwen.apply_chat_template(
+          [{"role": "user", "content": rm_prompt("prm_cot", PROBLEMS[i // G], visible)}], tokenize=False)
+      assert prompt == rm_ids.rm_prompt_ids(qwen, "prm_cot", PROBLEMS[i // G], visible)
+  settings = rl_step.RolloutSettings(group_size=G, max_response=64, stop_token_ids=(), prm_all_rows=True)
+  ask, prompts = programs.host_prm_prompts(settings, texts, ids, PROBLEMS, tok, tok.token_bytes_table(), special)
+  for i, prompt in zip(ask, prompts):
+    kept = rm_ids.visible_ids(ids[i][:programs._cut(ids[i], tok.token_bytes_table(), special)], special)
+    assert prompt == rm_ids.rm_prompt_ids(tok, "prm_cot", PROBLEMS[i // G], kept)

@@ -255,3 +255,62 @@ def test_rollout_and_reward_is_one_program_that_contains_the_prm(tmp_path):
   out = fn(*args)
   assert out.rewards_N.shape == (B * 2,) and out.advantages_NxR.shape == (B * 2, 6)
   assert float(out.stats["prm_output_length"]) == 4.0  # every row went to the PRM and ran its full budget
+
+
+def _program_case(tmp_path, **settings_kw):
+  from spark_jax.rl import programs
+  tok = _tiny_tokenizer(tmp_path)
+  pcfg = models.get_preset("tiny-qwen2")
+  rcfg = pcfg.replace(intermediate_size=160)
+  kw = dict(group_size=2, max_response=6, stop_token_ids=tuple(tok.end_of_turn_ids), reward_type="prm_cot_outcome",
+            prm_max_new_tokens=4, prm_all_rows=True)
+  settings = rl_step.RolloutSettings(**{**kw, **settings_kw})
+  tables = programs.make_reward_tables(tok, settings, tok, pcfg.vocab_size)
+  pt, pl = _prompts()
+  qt, ql = pt[:, :5], np.full((B,), 5, np.int32)
+  fn = jax.jit(lambda *a: rl_step.rollout_and_reward(pcfg, rcfg, settings, *a))
+  return fn, (_params(pcfg, 0), _params(rcfg, 1), tables, pt, pl, qt, ql, jax.random.PRNGKey(0))
+
+
+def test_chunked_rollouts_and_prm_calls_equal_one_block(tmp_path):
+  """rollout_chunk (prompts per block) and prm_chunk (rows per block) change memory, not results: a row's
+  sampling key folds in its prompt and sample, never its block."""
+  fn, args = _program_case(tmp_path)
+  whole = jax.device_get(fn(*args))
+  fn, args = _program_case(tmp_path, rollout_chunk=1, prm_chunk=2)
+  chunked = jax.device_get(fn(*args))
+  assert np.asarray(whole.response_lengths_N).sum() > B * 2  # real responses
+  for field in ("response_tokens_NxR", "response_lengths_N", "format_ok_N", "rewards_N", "advantages_NxR"):
+    np.testing.assert_array_equal(np.asarray(getattr(chunked, field)), np.asarray(getattr(whole, field)), field)
+  np.testing.assert_allclose(np.asarray(chunked.sampler_logprobs_NxR), np.asarray(whole.sampler_logprobs_NxR),
+                             atol=1e-5)
+  assert float(chunked.stats["prm_output_length"]) == float(whole.stats["prm_output_length"]) == 4.0
+  # The decode layout of the weights (CPU: per-layer slices of the stacked kernels) is made once, outside
+  # the block maps, not once per block.
+  stacked = {tuple(a.shape) for a in jax.tree.leaves(args[0]["layers"]) + jax.tree.leaves(args[1]["layers"])}
+  closed = jax.make_jaxpr(fn)(*args)
+  assert _weight_slices(closed.jaxpr, stacked, in_map=False) > 0
+  assert _weight_slices(closed.jaxpr, stacked, in_map=True) == 0
+
+
+def _weight_slices(jaxpr, shapes, in_map: bool, inside: bool = False) -> int:
+  """Slicing eqns whose operand is a stacked layer weight, counted inside scan (lax.map) bodies or outside."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if (eqn.primitive.name in ("slice", "squeeze", "dynamic_slice", "gather") and inside == in_map
+        and any(tuple(v.aval.shape) in shapes for v in eqn.invars if hasattr(v, "aval"))):
+      count += 1
+    for p in eqn.params.values():
+      for j in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(j, "jaxpr", j)
+        if hasattr(inner, "eqns"):
+          count += _weight_slices(inner, shapes, in_map, inside or eqn.primitive.name == "scan")
+  return count
+
+
+def test_a_reward_of_the_wrong_shape_is_an_error_at_trace_time(tmp_path, monkeypatch):
+  fn, args = _program_case(tmp_path)
+  real = rl_step._outcome_rewards
+  monkeypatch.setattr(rl_step, "_outcome_rewards", lambda *a: real(*a)[:, None])
+  with pytest.raises(ValueError, match=r"reward type 'prm_cot_outcome' gave rewards of shape \(8, 1\); .*\(8,\)"):
+    jax.eval_shape(fn, *args)

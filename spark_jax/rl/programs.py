@@ -88,6 +88,7 @@ class Programs:
                                              micro_batch=update_settings.micro_batch)
     self._update = rl_step.make_update_step(policy_cfg, tx, schedule, mesh, update_settings)
     self._engine = None
+    self._same_tokenizer = None  # policy and PRM spell every id alike (set on the first host-path PRM call)
     self.last_prm_texts: list[str | None] = []
 
   def _host_advantages(self, rewards_N, ok_N, lengths_N, steps, verdicts, R):
@@ -132,7 +133,8 @@ class Programs:
     if s.reward_type == "rlvr":
       rewards = (grade or grader(None))(texts, [golds[i // G] for i in range(N)])
     else:
-      prm_texts = (self._host_prm(prm_params, texts, ids, problems, prm_tokenizer, token_bytes, special)
+      prm_texts = (self._host_prm(prm_params, texts, ids, problems, prm_tokenizer, token_bytes, special,
+                                  tokenizer)
                    if s.prm_format is not None else [None] * N)  # `random` reads no PRM
       self.last_prm_texts = prm_texts  # the PRM outputs of the last host-path batch (tests, debugging)
       coins = np.asarray(jax.random.bernoulli(jax.random.split(key)[1], 0.5, (N,)))
@@ -148,21 +150,19 @@ class Programs:
     return out, {"time_rollout": t1 - t0, "time_reward": time.time() - t1}
 
   def _host_prm(self, prm_params, texts: list[str], ids: list[list[int]], problems: Sequence[str], prm_tokenizer,
-                token_bytes, special) -> list[str | None]:
+                token_bytes, special, policy_tokenizer=None) -> list[str | None]:
     """PRM outputs for the rows the gate lets through (all rows with prm_all_rows), via the sampling engine."""
-    from spark_jax.rl import rewards as rewards_lib
-    from spark_jax.text import rm_ids
     from spark_jax.sampling.engine import SamplingEngine
     s = self.settings
     out: list[str | None] = [None] * len(texts)
-    ask = [i for i, t in enumerate(texts) if s.prm_all_rows or rewards_lib.format_ok(t)]
+    if self._same_tokenizer is None:
+      from spark_jax.tokenizer import vocabulary_difference
+      self._same_tokenizer = (policy_tokenizer is None or policy_tokenizer is prm_tokenizer
+                              or vocabulary_difference(policy_tokenizer, prm_tokenizer) is None)
+    ask, prompts = host_prm_prompts(s, texts, ids, problems, prm_tokenizer, token_bytes, special,
+                                    None if self._same_tokenizer else policy_tokenizer)
     if not ask:
       return out
-    # The one canonical piecewise prompt (text/rm_ids.py): the response enters as its sampled ids, cut
-    # after the token in which its last `</answer>` ends, special tokens left out, exactly as the graph packs it.
-    prompts = [rm_ids.rm_prompt_ids(prm_tokenizer, s.prm_format, problems[i // s.group_size],
-                                    rm_ids.visible_ids(ids[i][:_cut(ids[i], token_bytes, special)], special))
-               for i in ask]
     if self._engine is None:
       # Static batches: the in-graph reward runs the static core, and the equality check compares the two.
       self._engine = SamplingEngine(self.prm_cfg, prm_params, mesh=self.mesh, progress=False, batching="static")
@@ -171,41 +171,27 @@ class Programs:
       out[i] = prm_tokenizer.decode(sample[0].tokens, skip_special_tokens=True)
     return out
 
-  # ------------------------------------------------------------------------------------------------ update
 
-  def update(self, state, ref_params, pt, pl, roll: RolloutOutput, mini_batches: int, epochs: int,
-             use_sampler_logprobs: bool):
-    """pi_old and reference log-probs, then `epochs` x `mini_batches` AdamW steps; returns mean metrics and
-    the sampler/trainer log-prob gap over the response tokens."""
-    G, R = self.settings.group_size, np.asarray(roll.response_tokens_NxR).shape[1]
-    tokens_NxT, mask_NxT = rl_step.sequences(jnp.asarray(pt), jnp.asarray(pl), jnp.asarray(roll.response_tokens_NxR),
-                                             jnp.asarray(roll.response_lengths_N), G)
-    sampler_lp = jnp.asarray(roll.sampler_logprobs_NxR)
-    # One mini-batch, one epoch, pi_old recomputed: the update's own forward pass is the recomputation
-    # (held constant inside the step), so no separate pass over the batch is needed.
-    on_policy = mini_batches == 1 and epochs == 1 and not use_sampler_logprobs
-    trainer_lp = None if on_policy else self._logprobs(state["params"], tokens_NxT, mask_NxT, R)
-    old = sampler_lp if use_sampler_logprobs else trainer_lp
-    ref = (self._logprobs(ref_params, tokens_NxT, mask_NxT, R) if self.update_settings.beta > 0
-           else jnp.zeros_like(sampler_lp))
-    batch = {"tokens_NxT": tokens_NxT, "mask_NxT": mask_NxT, "old_logprobs_NxR": old,
-             "advantages_NxR": jnp.asarray(roll.advantages_NxR), "ref_logprobs_NxR": ref}
-    size = tokens_NxT.shape[0] // mini_batches
-    collected = []
-    for _ in range(epochs):
-      for m in range(mini_batches):
-        mb = jax.tree.map(lambda x, m=m: x[m * size:(m + 1) * size], batch)
-        state, metrics, step_lp = self._update(state, mb)
-        if trainer_lp is None:
-          trainer_lp = step_lp  # on-policy: the log-probs before the (only) step
-        collected.append(metrics)
-    resp = np.asarray(mask_NxT[:, -R:])
-    gap = np.abs(np.asarray(trainer_lp) - np.asarray(sampler_lp))[resp]
-    collected = jax.device_get(collected)
-    out = {k: float(np.mean([float(c[k]) for c in collected])) for k in collected[0]}
-    out["logprob_gap_mean"] = float(gap.mean()) if gap.size else 0.0
-    out["logprob_gap_max"] = float(gap.max()) if gap.size else 0.0
-    return state, out
+def host_prm_prompts(settings: RolloutSettings, texts: list[str], ids: list[list[int]], problems: Sequence[str],
+                     prm_tokenizer, token_bytes, special, policy_tokenizer=None) -> tuple[list[int], list[list[int]]]:
+  """(rows asked, their PRM prompt ids) on the host: the rows the gate lets through (all with prm_all_rows).
+
+  The one canonical piecewise prompt (text/rm_ids.py). The response is cut after the token in which its last
+  `</answer>` ends, special tokens left out. With one tokenizer (`policy_tokenizer` None) it enters as its
+  sampled ids, exactly as the graph packs it; a PRM with another tokenizer (`policy_tokenizer` given) gets the
+  response's text, decoded by the policy's tokenizer and tokenized alone by its own, as Stage II trained it.
+  """
+  from spark_jax.rl import rewards as rewards_lib
+  from spark_jax.text import rm_ids
+  ask = [i for i, t in enumerate(texts) if settings.prm_all_rows or rewards_lib.format_ok(t)]
+  prompts = []
+  for i in ask:
+    response = rm_ids.visible_ids(ids[i][:_cut(ids[i], token_bytes, special)], special)
+    if policy_tokenizer is not None:
+      response = policy_tokenizer.decode(response, skip_special_tokens=True)
+    prompts.append(rm_ids.rm_prompt_ids(prm_tokenizer, settings.prm_format, problems[i // settings.group_size],
+                                        response))
+  return ask, prompts
 
 
 def _cut(ids: Sequence[int], token_bytes: Sequence[bytes], special: Sequence[int]) -> int:

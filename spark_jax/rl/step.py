@@ -152,6 +152,12 @@ def _num_blocks(total: int, chunk: int, what: str) -> int:
   return total // chunk
 
 
+def _layer_weights(params):
+  """The decode layout of the weights, made once outside a block map (CPU: per-layer copies; elsewhere the
+  stacked weights are read as they are, so there is nothing to make)."""
+  return decoder.unstack_layers(params) if jax.default_backend() == "cpu" else None
+
+
 def rollout(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tokens_BxP, prompt_lengths_B,
             row_keys_N) -> core.CoreOutput:
   """G samples of each prompt (prompt-major rows), `rollout_chunk` prompts per `lax.map` block."""
@@ -159,12 +165,14 @@ def rollout(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tokens_B
   nb = _num_blocks(B, settings.rollout_chunk, "rollout_chunk")
   sampling = settings.policy_sampling
 
+  if nb == 1:
+    return core.generate_core(cfg, params, prompt_tokens_BxP, prompt_lengths_B, row_keys_N, sampling)
+  layers = _layer_weights(params)
+
   def block(xs):
     toks, lens, keys = xs
-    return core.generate_core(cfg, params, toks, lens, keys, sampling)
+    return core.generate_core(cfg, params, toks, lens, keys, sampling, layer_weights=layers)
 
-  if nb == 1:
-    return block((prompt_tokens_BxP, prompt_lengths_B, row_keys_N))
   out = jax.lax.map(block, (_blocks(prompt_tokens_BxP, nb), _blocks(prompt_lengths_B, nb),
                             _blocks(row_keys_N, nb)))
   return jax.tree.map(_unblock, out)
@@ -178,12 +186,15 @@ def prm_generate(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tok
   sampling = settings.prm_sampling
   keys_N = jax.random.split(jax.random.PRNGKey(0), N)  # greedy: the keys are never drawn from
 
+  if nb == 1:
+    return core.generate_core(cfg, params, prompt_tokens_NxU, prompt_lengths_N, keys_N, sampling,
+                              row_active_N=active_N)
+  layers = _layer_weights(params)
+
   def block(xs):
     toks, lens, keys, active = xs
-    return core.generate_core(cfg, params, toks, lens, keys, sampling, row_active_N=active)
+    return core.generate_core(cfg, params, toks, lens, keys, sampling, row_active_N=active, layer_weights=layers)
 
-  if nb == 1:
-    return block((prompt_tokens_NxU, prompt_lengths_N, keys_N, active_N))
   out = jax.lax.map(block, tuple(_blocks(x, nb) for x in (prompt_tokens_NxU, prompt_lengths_N, keys_N, active_N)))
   return jax.tree.map(_unblock, out)
 
@@ -223,6 +234,14 @@ class RolloutOutput:
 
 def _response_mask(lengths_N, R):
   return jnp.arange(R)[None, :] < lengths_N[:, None]
+
+
+def _check_shape(what: str, x, shape: tuple[int, ...]) -> None:
+  """Raised while tracing, so a reward function of the wrong shape fails before anything runs (broadcasting
+  an (N, 1) reward against (N,) masks would silently give an N x N array)."""
+  if tuple(x.shape) != shape:
+    raise ValueError(f"{what} of shape {tuple(x.shape)}; a reward is one number per rollout and an advantage one "
+                     f"per response token: expected {shape}. Fix the reward function (spark_jax/rl/step.py).")
 
 
 def _outcome_rewards(settings: RolloutSettings, verdicts, key, N: int):
@@ -317,12 +336,15 @@ def rollout_and_reward(policy_cfg: ModelConfig, prm_cfg: ModelConfig | None, set
         "prm_verdict_none": jnp.sum(queried * (verdicts.final_N < 0)) / nq,
         "prm_output_length": jnp.sum(queried * prm_out.lengths_N) / nq,
         "prm_prompt_length": jnp.sum(queried * prm_lengths_N) / nq})
-  rewards_N = _outcome_rewards(settings, verdicts, reward_key, N) * ok_N.astype(F32)
+  rewards_N = _outcome_rewards(settings, verdicts, reward_key, N)
+  _check_shape(f"reward type {settings.reward_type!r} gave rewards", rewards_N, (N,))
+  rewards_N = rewards_N * ok_N.astype(F32)
   if settings.reward_type in ("selective_advantage", "selective_advantage_half"):
     # The strict step-count penalty, as advantages.selective applies it, so the reported reward is the one used.
     bad_N = (steps.count_N < settings.min_steps_selective) | (steps.count_N > settings.max_steps)
     rewards_N = jnp.where((verdicts.num_steps_N > 0) & bad_N, 0.0, rewards_N)
   adv_NxR = advantages(settings, rewards_N, out.lengths_N, R, verdicts, steps)
+  _check_shape(f"reward type {settings.reward_type!r} gave advantages", adv_NxR, (N, R))
   stats.update(_group_stats(rewards_N, settings.group_size))
   stats["reward_step_correlation"] = _correlation(rewards_N, steps.count_N.astype(F32))
   return RolloutOutput(out.tokens_NxM, out.lengths_N, out.logprobs_NxM, ok_N, rewards_N, adv_NxR, stats)

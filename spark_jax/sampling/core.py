@@ -348,7 +348,8 @@ def _step_keys(row_keys_N, step):
 def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: jax.Array,
                   prompt_lengths_B: jax.Array, row_keys_N: jax.Array, settings: SamplingParams,
                   stop_table: StopTable | None = None, *, row_active_N: jax.Array | None = None,
-                  row_budget_N: jax.Array | None = None, unstack_layers: bool | None = None) -> CoreOutput:
+                  row_budget_N: jax.Array | None = None, unstack_layers: bool | None = None,
+                  layer_weights=None) -> CoreOutput:
   """Samples `settings.num_samples` continuations of each left-padded prompt; traceable inside `jit`.
 
   Args:
@@ -372,6 +373,9 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
       step (about 2x faster decode) at the cost of one extra copy of the layer weights per call and a longer
       compile. Default (None): True on CPU, False elsewhere (no extra weight memory; GPU/TPU dots read
       scan slices without the CPU's copy problem).
+    layer_weights: `decoder.unstack_layers(params)` made once by a caller that calls this several times
+      with the same params (blocks of a `lax.map`), so the per-layer copy is not made per call; only read
+      when unstack_layers holds.
 
   Returns:
     CoreOutput with M = settings.max_new_tokens columns.
@@ -436,7 +440,7 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
   if unstack_layers is None:
     unstack_layers = jax.default_backend() == "cpu"
   if unstack_layers:  # per-layer weights and cache buffers: see decoder.unstack_layers / unstack_cache
-    decode_params = decoder.unstack_layers(params)
+    decode_params = decoder.unstack_layers(params) if layer_weights is None else layer_weights
     state = dataclasses.replace(state, cache=decoder.unstack_cache(state.cache))
     prefix = None if prefix is None else decoder.unstack_cache(prefix)
   first_slot = 0 if shared else P  # the cache slot of generated token 0
