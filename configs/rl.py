@@ -20,7 +20,9 @@ def rl_config() -> ConfigDict:
 
   policy / prm / reference      model specs (common.model); reference "" = the policy's initial weights.
   tokenizer / prm_tokenizer     tokenizer directories ("" = the model's checkpoint directory).
-  data.train / data.val         RL prompt sets (JSONL / parquet / directory / hub id); val "" = no evaluation.
+  data.train / data.val         RL prompt sets (JSONL / parquet / directory / hub id); val "" = no evaluation;
+                                several val sets separated by commas are scored apart (eval accuracy/<folder>)
+                                and averaged (accuracy), eval_prompts each.
   data.problem_key / answer_key fields (dotted paths allowed) of the raw problem and the ground truth.
   data.template                 "chat" | "plain" (policy prompt rendering, rl/policy.py).
   prompts_per_step / group_size B prompts x G rollouts (D10: 256 x 16).
@@ -110,7 +112,8 @@ def get_config(variant: str = ""):
   config.policy = common.model("runs/format_sft/export", init="pretrained", dtype="bfloat16", remat="full")
   config.prm = common.model("runs/sft_prm/export", init="pretrained", dtype="bfloat16")
   config.data.train = "data/skywork_math_8k/problems_8k.jsonl"
-  config.data.val = "data/math500/test.jsonl"
+  # Periodic validation on AIME24, AIME25 and 100 MATH500 problems (per-set accuracy and their average).
+  config.data.val = "data/aime24/test.jsonl,data/aime25/test.jsonl,data/math500/test.jsonl"
   config.eval_prompts = 100
   config.mesh = common.mesh(data=1, fsdp=-1, tensor=1)
   # 4,096 rollouts of up to 4k tokens do not fit one forward/backward pass on any accelerator: 16

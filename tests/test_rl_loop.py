@@ -288,3 +288,37 @@ def test_dynamic_sampling_keeps_informative_groups_refills_and_tops_up():
 def jax_key():
   import jax
   return jax.random.PRNGKey(0)
+
+
+def test_validation_sets_are_named_and_scored_apart(job_files, tmp_path):
+  """Several `data.val` sets: each scored apart (accuracy/<folder>) and their plain average as `accuracy`.
+  The grader is the run's injected one; here it marks answers right by their gold, so the split is checked."""
+  import jax
+  from spark_jax import models
+  from spark_jax import sharding as shd
+  from spark_jax.tokenizer import Tokenizer
+  assert rl_loop.validation_sets("data/aime24/test.jsonl, data/math500/test.jsonl") == {
+      "aime24": "data/aime24/test.jsonl", "math500": "data/math500/test.jsonl"}
+  assert rl_loop.validation_sets("org/hub_set") == {"hub_set": "org/hub_set"}
+  with pytest.raises(ValueError, match="two validation sets are named 'a'"):
+    rl_loop.validation_sets("x/a/test.jsonl,y/a/test.jsonl")
+  tok_dir, _ = job_files
+  for name, golds in (("easy", ["1", "1"]), ("hard", ["1", "0", "0", "0"])):
+    (tmp_path / name).mkdir()
+    _write_jsonl(tmp_path / name / "test.jsonl", [{"problem": f"What is {i}?", "answer": g} for i, g in enumerate(golds)])
+  config = _config(**{"data.val": f"{tmp_path}/easy/test.jsonl,{tmp_path}/hard/test.jsonl", "data.template": "bare",
+                      "eval_max_response": 4, "max_prompt_tokens": 32})
+  cfg = models.get_preset("tiny-qwen2")
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  graded = []
+
+  def grade(texts, golds):
+    graded.append(len(texts))
+    return np.asarray([g == "1" for g in golds], np.float32)
+
+  evaluator = rl_loop.Evaluator(config, cfg, models.init_params(cfg), Tokenizer.from_pretrained(tok_dir), mesh, grade)
+  m = evaluator(models.init_params(cfg))
+  assert graded == [6]  # one generate call and one grading call for both sets
+  assert m["accuracy/easy"] == 1.0 and m["accuracy/hard"] == 0.25
+  assert m["accuracy"] == pytest.approx(0.625)  # the sets' average, not the 3/6 pooled over rows
+  assert 0 < m["response_length"] <= 4

@@ -171,9 +171,14 @@ class Evaluator:
   def __init__(self, config, pcfg, params, tokenizer, mesh, grade):
     from spark_jax.sampling import core
     from spark_jax.sampling.engine import SamplingEngine
-    prompts = policy_lib.load_rl_prompts(config.data.val, problem_key=config.data.problem_key,
-                                         answer_key=config.data.answer_key, split=config.data.split,
-                                         limit=int(config.eval_prompts), require_answer=True)
+    self.sets = validation_sets(config.data.val)
+    prompts, self.set_of_prompt = [], []
+    for name, source in self.sets.items():
+      rows = policy_lib.load_rl_prompts(source, problem_key=config.data.problem_key,
+                                        answer_key=config.data.answer_key, split=config.data.split,
+                                        limit=int(config.eval_prompts), require_answer=True)
+      prompts += rows
+      self.set_of_prompt += [name] * len(rows)
     self.ids, _ = policy_lib.encode_prompts(tokenizer, prompts, template=config.data.template,
                                             max_prompt_tokens=int(config.max_prompt_tokens))
     self.golds = [p.ground_truth for p in prompts]
@@ -194,9 +199,30 @@ class Evaluator:
     samples = self.engine.generate(self.ids, self.settings, params=params, seed=self.seed)
     texts = [self.tokenizer.decode(s.tokens, skip_special_tokens=True) for group in samples for s in group]
     golds = [g for g, group in zip(self.golds, samples) for _ in group]
-    return {"accuracy": float(np.mean(self.grade(texts, golds))),
-            "format_ok": float(np.mean([rewards_lib.format_ok(t) for t in texts])),
-            "response_length": float(np.mean([len(s.tokens) for group in samples for s in group]))}
+    names = np.asarray([n for n, group in zip(self.set_of_prompt, samples) for _ in group])
+    correct = np.asarray(self.grade(texts, golds), np.float64)
+    out = {"format_ok": float(np.mean([rewards_lib.format_ok(t) for t in texts])),
+           "response_length": float(np.mean([len(s.tokens) for group in samples for s in group]))}
+    if len(self.sets) == 1:
+      return {"accuracy": float(correct.mean()), **out}
+    per_set = {f"accuracy/{name}": float(correct[names == name].mean()) for name in self.sets}
+    # The benchmarks' average, each set weighing the same (AIME's 30 problems as much as MATH500's 100).
+    return {"accuracy": float(np.mean(list(per_set.values()))), **per_set, **out}
+
+
+def validation_sets(spec: str) -> dict[str, str]:
+  """`config.data.val` -> {name: source}: one source, or several separated by commas, each named by its
+  folder (`data/aime24/test.jsonl` -> aime24) or, for a folder or hub id, its last component."""
+  sources = [x.strip() for x in str(spec).split(",") if x.strip()]
+  out: dict[str, str] = {}
+  for source in sources:
+    parts = [x for x in source.replace("\\", "/").split("/") if x]
+    name = parts[-2] if len(parts) > 1 and os.path.splitext(parts[-1])[1] else parts[-1]
+    if name in out:
+      raise ValueError(f"config.data.val={spec!r}: two validation sets are named {name!r} ({out[name]!r} and "
+                       f"{source!r}); put them in folders of different names.")
+    out[name] = source
+  return out
 
 
 # Fields that leave the numbers alone: a checkpoint written under other values still resumes.
