@@ -314,3 +314,32 @@ def test_a_reward_of_the_wrong_shape_is_an_error_at_trace_time(tmp_path, monkeyp
   monkeypatch.setattr(rl_step, "_outcome_rewards", lambda *a: real(*a)[:, None])
   with pytest.raises(ValueError, match=r"reward type 'prm_cot_outcome' gave rewards of shape \(8, 1\); .*\(8,\)"):
     jax.eval_shape(fn, *args)
+
+
+def test_use_sampler_logprobs_takes_the_samplers_pi_old(tiny, rollouts):
+  """`use_sampler_logprobs`: pi_old is the sampler's log-probs as given (here shifted by 0.1 nats on every
+  response token), so the first update sees approx_kl = 0.1; by default pi_old is the trainer's recomputation
+  and approx_kl is 0 (the gap is rounding). Two mini-batches x two epochs run the recomputed path too."""
+  from spark_jax.rl import programs as programs_lib
+  cfg, params = tiny
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  settings = rl_step.RolloutSettings(group_size=G, max_response=R, stop_token_ids=(7,), reward_type="rlvr")
+  upd = rl_step.UpdateSettings(beta=0.0, logits_chunk=8)
+  tx, sched = train_step.make_optimizer(cfg, lr=1e-3, total_steps=8, warmup_ratio=0.0, schedule="constant")
+  progs = programs_lib.Programs(cfg, cfg, settings, upd, tx, sched, mesh)
+  resp = np.arange(R)[None, :] < rollouts["lengths"][:, None]
+  shifted = np.where(resp, rollouts["sampler_lp"] + 0.1, 0.0).astype(np.float32)
+  roll = rl_step.RolloutOutput(rollouts["tokens"], rollouts["lengths"], shifted, np.ones(B * G, bool),
+                               np.zeros(B * G, np.float32), rollouts["adv"], {})
+  out = {}
+  for use_sampler in (True, False):
+    with shd.use_mesh(mesh):
+      state = train_step.init_state(cfg, params, tx, mesh)
+      _, out[use_sampler] = progs.update(state, None, rollouts["pt"], rollouts["pl"], roll, 1, 1, use_sampler)
+  assert out[True]["approx_kl"] == pytest.approx(0.1, abs=1e-4)
+  assert abs(out[False]["approx_kl"]) < 1e-5
+  assert out[True]["logprob_gap_mean"] == pytest.approx(0.1, abs=1e-4)  # the gap is logged either way
+  with shd.use_mesh(mesh):
+    state = train_step.init_state(cfg, params, tx, mesh)
+    state, m = progs.update(state, None, rollouts["pt"], rollouts["pl"], roll, 2, 2, False)
+  assert int(state["step"]) == 4 and np.isfinite(m["loss"])

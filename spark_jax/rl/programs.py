@@ -171,6 +171,42 @@ class Programs:
       out[i] = prm_tokenizer.decode(sample[0].tokens, skip_special_tokens=True)
     return out
 
+  # ------------------------------------------------------------------------------------------------ update
+
+  def update(self, state, ref_params, pt, pl, roll: RolloutOutput, mini_batches: int, epochs: int,
+             use_sampler_logprobs: bool):
+    """pi_old and reference log-probs, then `epochs` x `mini_batches` AdamW steps; returns mean metrics and
+    the sampler/trainer log-prob gap over the response tokens."""
+    G, R = self.settings.group_size, np.asarray(roll.response_tokens_NxR).shape[1]
+    tokens_NxT, mask_NxT = rl_step.sequences(jnp.asarray(pt), jnp.asarray(pl), jnp.asarray(roll.response_tokens_NxR),
+                                             jnp.asarray(roll.response_lengths_N), G)
+    sampler_lp = jnp.asarray(roll.sampler_logprobs_NxR)
+    # One mini-batch, one epoch, pi_old recomputed: the update's own forward pass is the recomputation
+    # (held constant inside the step), so no separate pass over the batch is needed.
+    on_policy = mini_batches == 1 and epochs == 1 and not use_sampler_logprobs
+    trainer_lp = None if on_policy else self._logprobs(state["params"], tokens_NxT, mask_NxT, R)
+    old = sampler_lp if use_sampler_logprobs else trainer_lp
+    ref = (self._logprobs(ref_params, tokens_NxT, mask_NxT, R) if self.update_settings.beta > 0
+           else jnp.zeros_like(sampler_lp))
+    batch = {"tokens_NxT": tokens_NxT, "mask_NxT": mask_NxT, "old_logprobs_NxR": old,
+             "advantages_NxR": jnp.asarray(roll.advantages_NxR), "ref_logprobs_NxR": ref}
+    size = tokens_NxT.shape[0] // mini_batches
+    collected = []
+    for _ in range(epochs):
+      for m in range(mini_batches):
+        mb = jax.tree.map(lambda x, m=m: x[m * size:(m + 1) * size], batch)
+        state, metrics, step_lp = self._update(state, mb)
+        if trainer_lp is None:
+          trainer_lp = step_lp  # on-policy: the log-probs before the (only) step
+        collected.append(metrics)
+    resp = np.asarray(mask_NxT[:, -R:])
+    gap = np.abs(np.asarray(trainer_lp) - np.asarray(sampler_lp))[resp]
+    collected = jax.device_get(collected)
+    out = {k: float(np.mean([float(c[k]) for c in collected])) for k in collected[0]}
+    out["logprob_gap_mean"] = float(gap.mean()) if gap.size else 0.0
+    out["logprob_gap_max"] = float(gap.max()) if gap.size else 0.0
+    return state, out
+
 
 def host_prm_prompts(settings: RolloutSettings, texts: list[str], ids: list[list[int]], problems: Sequence[str],
                      prm_tokenizer, token_bytes, special, policy_tokenizer=None) -> tuple[list[int], list[list[int]]]:
