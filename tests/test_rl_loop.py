@@ -186,6 +186,7 @@ def test_rl_job_resumes_after_sigkill_with_identical_metrics_and_export(job_file
   assert sorted(reference) == list(range(1, STEPS + 1))
   assert any(m["reward_mean"] > 0 for m in reference.values()), "rewards never varied: the test proves nothing"
   assert reference[STEPS]["kl"] > 0  # the policy moved away from its reference
+  _check_monitors(ref)
   proc = subprocess.Popen([sys.executable, "-m", "spark_jax.main", *_job_args(tok_dir, data, killed, export="")],
                           cwd=REPO,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), stdout=subprocess.DEVNULL,
@@ -209,6 +210,26 @@ def test_rl_job_resumes_after_sigkill_with_identical_metrics_and_export(job_file
   with open(os.path.join(killed, "summary.json")) as f:
     assert json.load(f)["final_step"] == STEPS
   _check_export(os.path.join(ref, "export"), os.path.join(killed, "export"), tok_dir, export_matches_transformers)
+
+
+def _check_monitors(workdir):
+  """Every per-step monitor the RL job promises is in metrics.jsonl, in its range (share, length, time)."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  train = [r for r in rows if "loss" in r]
+  assert len(train) == STEPS
+  shares = ("format_violation", "text_after_answer", "truncated", "zero_variance_groups", "clip_frac",
+            "dual_clip_frac", "non_canonical_responses")
+  for r in train:
+    for k in shares:
+      assert 0.0 <= r[k] <= 1.0, (k, r[k])
+    assert 0 < r["response_length"] <= 16 and r["steps_per_response"] >= 0  # max_response 16
+    assert r["reward_std"] >= 0 and -1.0 <= r["reward_step_correlation"] <= 1.0
+    assert r["entropy"] > 0 and r["grad_norm"] > 0 and r["logprob_gap_max"] >= r["logprob_gap_mean"] >= 0
+    assert r["logprob_gap_max"] <= 1e-3  # fp32, T = 1, no filters: the gap is rounding
+    for k in ("tokens_per_s_per_device", "time_update", "time_rollout", "time_reward"):
+      assert r[k] > 0, (k, r)
+  assert any(r["zero_variance_groups"] < 1 for r in train)  # some groups' rewards differ: updates had signal
 
 
 def _check_export(export, resumed_export, tok_dir, export_matches_transformers):
