@@ -120,6 +120,11 @@ def get_config(variant: str = ""):
   # micro-batches of 256 (divisible by any power-of-two device count up to 256).
   config.micro_batch = 256
   config.logits_chunk = 256  # positions x micro-batch rows x 152k fp32 logits per head chunk: 5 GB at 32 rows
+  # The caches of 4,096 rollouts at once do not fit either: the 7B policy's K/V for 4,096 x 4k tokens is
+  # ~960 GB, the 14B PRM's for 4,096 x 8k ~13 TB. Blocks of 16 prompts (256 rollouts, ~60 GB) and 64 PRM
+  # rows (~100 GB), each split over the devices' data axes; results do not depend on the block sizes.
+  config.reward.rollout_chunk = 16
+  config.reward.prm_chunk = 64
   config.export_dir = "runs/rl/export"
   if variant == "world":
     world_config(config)
@@ -202,7 +207,9 @@ def world_settings(config, *, policy_dir: str, prm_dir: str | None, train: str, 
   config.mesh = common.mesh(data=-1)
   config.prompts_per_step = 16
   config.group_size = 8
-  config.micro_batch = 0  # 128 short world rollouts fit one pass
+  config.micro_batch = 0  # 128 short world rollouts fit one pass, and one block of rollouts and PRM rows
+  config.reward.rollout_chunk = 0
+  config.reward.prm_chunk = 0
   config.max_prompt_tokens = 256
   config.max_response = 96
   config.reward.prm_max_new_tokens = 160
