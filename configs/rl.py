@@ -120,9 +120,10 @@ def get_config(variant: str = ""):
   # micro-batches of 256 (divisible by any power-of-two device count up to 256).
   config.micro_batch = 256
   config.logits_chunk = 256  # positions x micro-batch rows x 152k fp32 logits per head chunk: 5 GB at 32 rows
-  # The caches of 4,096 rollouts at once do not fit either: the 7B policy's K/V for 4,096 x 4k tokens is
-  # ~960 GB, the 14B PRM's for 4,096 x 8k ~13 TB. Blocks of 16 prompts (256 rollouts, ~60 GB) and 64 PRM
-  # rows (~100 GB), each split over the devices' data axes; results do not depend on the block sizes.
+  # The caches of 4,096 rollouts at once do not fit either: the 7B policy's K/V (57 KB a token) for 256
+  # shared 2k prompts + 4,096 2k responses is ~0.5 TB, the 14B PRM's (197 KB a token) for 4,096 x 8k ~6.6 TB.
+  # Blocks of 16 prompts (256 rollouts, ~32 GB) and 64 PRM rows (~100 GB), each split over the devices' data
+  # axes; results do not depend on the block sizes.
   config.reward.rollout_chunk = 16
   config.reward.prm_chunk = 64
   config.export_dir = "runs/rl/export"
