@@ -27,7 +27,9 @@ def test_device_check_runs_every_part_at_tiny_shapes(tmp_path):
   by_batch = {r["batch"]: r for r in rows}
   assert set(by_batch) == {1, 4}
   assert all(r["ours_tok_s"] > 0 for r in rows)
-  assert by_batch[1]["decode_step_ms"] > 0 and by_batch[1]["roofline"] > 0  # batch 1: the roofline column
+  assert "decode_step_ms" in by_batch[1], ("batch 1 has no decode step time (the 64-token call was not slower "
+                                           "than the 1-token one)", by_batch[1])
+  assert by_batch[1]["roofline"] > 0  # batch 1: the roofline column
   assert by_batch[4]["hf_tok_s"] > 0 and by_batch[4]["ratio"] > 0  # HF generate ran at the HF batch
 
   mixed = (tmp_path / "mixed.txt").read_text()
@@ -40,4 +42,6 @@ def test_device_check_runs_every_part_at_tiny_shapes(tmp_path):
   assert rl["micro_batch"] == 4 and rl["prompts"] * rl["group"] == 16
   for key in ("rollout_s", "update_s", "step_s", "tokens_per_s_per_device"):
     assert rl[key] > 0, (key, rl)
-  assert rl["reward_s"] > 0 and rl["prm_prompt_len"] > 0  # every row went to the PRM (prm_all_rows)
+  # every row went to the PRM (prm_all_rows) with a packed prompt; reward_s is a difference of two timed
+  # programs, too noisy at these shapes to assert on
+  assert rl["prm_prompt_len"] > 0

@@ -64,6 +64,13 @@ def test_unknown_reward_type_and_group_size_errors():
   with pytest.raises(ValueError, match="micro_batch=3 does not divide the mini-batch of 4 rollouts"):
     rl_loop.check_config(_config(prompts_per_step=4, group_size=2, mini_batches=2, micro_batch=3))
   rl_loop.check_config(_config(prompts_per_step=4, group_size=2, mini_batches=2, micro_batch=2))
+  with pytest.raises(ValueError, match=r"reward.prm_chunk=3 does not divide the 8 rollouts"):
+    rl_loop.check_config(_config(prompts_per_step=4, group_size=2, **{"reward.prm_chunk": 3}))
+  with pytest.raises(ValueError, match=r"reward.rollout_chunk=3 does not divide the 4 prompts"):
+    rl_loop.check_config(_config(prompts_per_step=4, group_size=2, **{"reward.rollout_chunk": 3}))
+  # a block or micro-batch at least the whole batch is one block: the paper config's sizes on a small run
+  rl_loop.check_config(_config(prompts_per_step=4, group_size=2, micro_batch=256,
+                               **{"reward.rollout_chunk": 16, "reward.prm_chunk": 64}))
   with pytest.raises(ValueError, match="grading_workers=0: RL grades"):
     rl_loop.check_config(_config(grading_workers=0))
   with pytest.raises(ValueError, match="grading_timeout_s=0.0"):

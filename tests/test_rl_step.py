@@ -289,7 +289,8 @@ def test_chunked_rollouts_and_prm_calls_equal_one_block(tmp_path):
   # the block maps, not once per block.
   stacked = {tuple(a.shape) for a in jax.tree.leaves(args[0]["layers"]) + jax.tree.leaves(args[1]["layers"])}
   closed = jax.make_jaxpr(fn)(*args)
-  assert _weight_slices(closed.jaxpr, stacked, in_map=False) > 0
+  if jax.default_backend() == "cpu":  # elsewhere the decode loop reads the stacked weights: nothing to make
+    assert _weight_slices(closed.jaxpr, stacked, in_map=False) > 0
   assert _weight_slices(closed.jaxpr, stacked, in_map=True) == 0
 
 

@@ -92,9 +92,14 @@ def check_config(config) -> None:
                      "rollouts; a group must not straddle mini-batches.")
   mini = B * G // int(config.mini_batches)
   micro = int(config.micro_batch)
-  if micro < 0 or (micro and mini % micro):
+  if micro < 0 or (0 < micro < mini and mini % micro):
     raise ValueError(f"config.micro_batch={micro} does not divide the mini-batch of {mini} rollouts "
                      f"({B} x {G} / mini_batches {config.mini_batches}); pick a divisor, or 0 for one pass.")
+  for key, chunk, total, what in (("reward.rollout_chunk", int(config.reward.rollout_chunk), B, "prompts"),
+                                  ("reward.prm_chunk", int(config.reward.prm_chunk), B * G, "rollouts")):
+    if chunk < 0 or (0 < chunk < total and total % chunk):
+      raise ValueError(f"config.{key}={chunk} does not divide the {total} {what} of a step (prompts_per_step {B} "
+                       f"x group_size {G}); pick a divisor, or 0 for one block.")
   if int(config.grading_workers) < 1:
     raise ValueError(f"config.grading_workers={config.grading_workers}: RL grades rlvr rewards and validation in a "
                      "pool of worker processes (a hung math_verify call must not stall the step); set it >= 1.")
@@ -229,7 +234,8 @@ def validation_sets(spec: str) -> dict[str, str]:
 NOT_RESULT = ("job", "workdir", "mesh", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_prompts",
               "eval_temperature", "eval_samples",
               "export_dir", "progress_bar", "log_every", "num_steps", "resume", "debug_stop_after", "grading_workers",
-              "policy.remat", "policy.scan_layers", "prm.remat", "prm.scan_layers", "micro_batch")
+              "policy.remat", "policy.scan_layers", "prm.remat", "prm.scan_layers", "micro_batch",
+              "logits_chunk", "reward.rollout_chunk", "reward.prm_chunk", "data.val")
 
 
 def run_rl(config) -> dict:
@@ -247,9 +253,15 @@ def run_rl(config) -> dict:
   mesh = shd.make_mesh(config.mesh.to_dict())
   B, G = int(config.prompts_per_step), int(config.group_size)
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  if int(config.micro_batch) % ways:
-    raise ValueError(f"config.micro_batch={config.micro_batch} is not a multiple of the mesh's data x fsdp = {ways} "
-                     f"(mesh {dict(mesh.shape)}): each device takes an equal share of every micro-batch.")
+  # A row count the data axes do not divide would be replicated on every device instead of split (memory).
+  for key, value, rows, total in (
+      ("micro_batch", config.micro_batch, int(config.micro_batch), B * G // int(config.mini_batches)),
+      ("reward.rollout_chunk", config.reward.rollout_chunk, int(config.reward.rollout_chunk) * G, B * G),
+      ("reward.prm_chunk", config.reward.prm_chunk, int(config.reward.prm_chunk), B * G)):
+    if 0 < rows < total and rows % ways:
+      raise ValueError(f"config.{key}={value} gives blocks of {rows} rows, not a multiple of the mesh's data x fsdp = {ways} "
+                       f"(mesh {dict(mesh.shape)}): each device takes an equal share of every block. Pick a "
+                       "multiple, or 0 for one block.")
   reward_type = config.reward.type
   needs_prm = rl_step.REWARD_FORMATS[reward_type] is not None
 

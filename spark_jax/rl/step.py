@@ -146,7 +146,8 @@ def _unblock(x):
 
 
 def _num_blocks(total: int, chunk: int, what: str) -> int:
-  chunk = chunk or total
+  """Blocks of `chunk` rows (0, or at least `total`: one block)."""
+  chunk = total if not chunk or chunk >= total else chunk
   if total % chunk:
     raise ValueError(f"{what}={chunk} does not divide the {total} rows of the batch; pick a divisor of {total}.")
   return total // chunk
@@ -409,7 +410,7 @@ def response_logprobs(cfg: ModelConfig, params, tokens_NxT, mask_NxT, R: int, ch
 
 def micro_batches(rows: int, micro_batch: int) -> int:
   """How many micro-batches a batch of `rows` splits into (micro_batch 0 = one)."""
-  if micro_batch <= 0:
+  if micro_batch <= 0 or micro_batch >= rows:
     return 1
   if rows % micro_batch:
     raise ValueError(f"micro_batch={micro_batch} does not divide the {rows} rows of a (mini-)batch; pick a divisor "
