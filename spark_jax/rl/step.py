@@ -425,9 +425,9 @@ def _split(x, A: int):
   return jnp.swapaxes(x.reshape((x.shape[0] // A, A) + x.shape[1:]), 0, 1)
 
 
-def _merge(x_AxM):
+def _merge(x_AxB):
   """The inverse of `_split`."""
-  x = jnp.swapaxes(x_AxM, 0, 1)
+  x = jnp.swapaxes(x_AxB, 0, 1)
   return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
@@ -443,9 +443,9 @@ def make_logprob_fn(cfg: ModelConfig, mesh, *, chunk: int = 1024, compute_dtype:
     A = micro_batches(tokens_NxT.shape[0], micro_batch)
     if A == 1:
       return response_logprobs(cfg, params, tokens_NxT, mask_NxT, R, chunk)
-    lp_AxMxR = jax.lax.map(lambda tm: response_logprobs(cfg, params, tm[0], tm[1], R, chunk),
+    lp_AxBxR = jax.lax.map(lambda tm: response_logprobs(cfg, params, tm[0], tm[1], R, chunk),
                            (_split(tokens_NxT, A), _split(mask_NxT, A)))
-    return _merge(lp_AxMxR)
+    return _merge(lp_AxBxR)
 
   return fn
 
@@ -509,8 +509,8 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
                                                                                num_tokens, N))
       carry0 = (zeros[0][0], zeros[0][1][0], zeros[1])
       carry_sh = (rep, jax.tree.map(lambda _: rep, carry0[1]), sh["params"])
-      (loss, aux, grads), lp_AxMxR = jax.lax.scan(body, carry0, micro)
-      lp_NxR = _merge(lp_AxMxR)
+      (loss, aux, grads), lp_AxBxR = jax.lax.scan(body, carry0, micro)
+      lp_NxR = _merge(lp_AxBxR)
     grads = jax.lax.with_sharding_constraint(grads, sh["params"])
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
