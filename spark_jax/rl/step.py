@@ -156,7 +156,7 @@ def _num_blocks(total: int, chunk: int, what: str) -> int:
 def _layer_weights(params):
   """The decode layout of the weights, made once outside a block map (CPU: per-layer copies; elsewhere the
   stacked weights are read as they are, so there is nothing to make)."""
-  return decoder.unstack_layers(params) if jax.default_backend() == "cpu" else None
+  return decoder.unstack_layers(params) if core.decodes_unstacked() else None
 
 
 def rollout(cfg: ModelConfig, settings: RolloutSettings, params, prompt_tokens_BxP, prompt_lengths_B,
@@ -505,9 +505,9 @@ def make_update_step(cfg: ModelConfig, tx: optax.GradientTransformation, schedul
         return jax.lax.with_sharding_constraint(acc, carry_sh), lp
 
       first = jax.tree.map(lambda v: v[0], micro)
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, F32), jax.eval_shape(grad_fn, state["params"], first,
-                                                                               num_tokens, N))
-      carry0 = (zeros[0][0], zeros[0][1][0], zeros[1])
+      aux0 = jax.tree.map(lambda x: jnp.zeros(x.shape, F32),  # the forward's shapes only: no backward traced
+                          jax.eval_shape(loss_fn, state["params"], first, num_tokens, N)[1][0])
+      carry0 = (jnp.zeros((), F32), aux0, jax.tree.map(lambda p: jnp.zeros(p.shape, F32), state["params"]))
       carry_sh = (rep, jax.tree.map(lambda _: rep, carry0[1]), sh["params"])
       (loss, aux, grads), lp_AxBxR = jax.lax.scan(body, carry0, micro)
       lp_NxR = _merge(lp_AxBxR)

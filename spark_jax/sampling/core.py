@@ -345,6 +345,11 @@ def _step_keys(row_keys_N, step):
   return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_N, step)
 
 
+def decodes_unstacked() -> bool:
+  """Whether `generate_core` decodes with per-layer weights by default (`unstack_layers`): on CPU."""
+  return jax.default_backend() == "cpu"
+
+
 def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: jax.Array,
                   prompt_lengths_B: jax.Array, row_keys_N: jax.Array, settings: SamplingParams,
                   stop_table: StopTable | None = None, *, row_active_N: jax.Array | None = None,
@@ -438,7 +443,7 @@ def generate_core(cfg: ModelConfig, params: decoder.Params, prompt_tokens_BxP: j
   ones_Nx1 = jnp.ones((N, 1), jnp.bool_)
   decode_params = params
   if unstack_layers is None:
-    unstack_layers = jax.default_backend() == "cpu"
+    unstack_layers = decodes_unstacked()
   if unstack_layers:  # per-layer weights and cache buffers: see decoder.unstack_layers / unstack_cache
     decode_params = decoder.unstack_layers(params) if layer_weights is None else layer_weights
     state = dataclasses.replace(state, cache=decoder.unstack_cache(state.cache))
